@@ -1,0 +1,2 @@
+//! The `llmos` binary (placeholder until the demo lands).
+fn main() {}
