@@ -28,7 +28,7 @@ fn declared() -> &'static Mutex<BTreeMap<String, String>> {
     DECLARED.get_or_init(|| {
         Mutex::new(BTreeMap::from([(
             crate::supervisor::START_FAULT_POINT.to_string(),
-            "a child's start function fails (`return` for all, `return(PATH)` for one)".to_string(),
+            "a child's start fails (`kernel.start=return`; one child: `kernel.start:PATH=return`)".to_string(),
         )]))
     })
 }

@@ -309,13 +309,25 @@ impl Kernel {
         }
     }
 
+    /// Installs the SIGINT/SIGTERM handler now and returns a future that, on the first
+    /// signal, shuts the tree down in order (or ends early if the root fails first).
+    /// Subscribing happens before this returns, so a signal raised right after is not missed.
+    pub fn shutdown_on_signal(
+        &self,
+    ) -> Result<impl std::future::Future<Output = TreeExit> + Send + 'static> {
+        let mut signals = signal_receiver()?;
+        let kernel = self.clone();
+        Ok(async move {
+            tokio::select! {
+                _ = signals.recv() => kernel.shutdown("signal").await,
+                exit = kernel.wait() => exit,
+            }
+        })
+    }
+
     /// Runs until SIGINT/SIGTERM (then shuts down in order) or until the root fails.
     pub async fn run_until_signal(&self) -> Result<TreeExit> {
-        let mut signals = signal_receiver()?;
-        tokio::select! {
-            _ = signals.recv() => Ok(self.shutdown("signal").await),
-            exit = self.wait() => Ok(exit),
-        }
+        Ok(self.shutdown_on_signal()?.await)
     }
 }
 

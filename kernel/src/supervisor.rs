@@ -23,8 +23,8 @@ use crate::spec::{
 /// How long a supervisor waits for a killed child to finish terminating before moving on.
 const KILL_WAIT: Duration = Duration::from_secs(2);
 
-/// The fault point that fails child starts: `return` fails every start, `return(PATH)` only
-/// the start of the child at PATH.
+/// The fault point that fails child starts: `kernel.start=return` fails every start;
+/// `kernel.start:PATH=return` fails only the child at PATH.
 pub const START_FAULT_POINT: &str = "kernel.start";
 
 pub(crate) struct SupervisorActor;
@@ -606,6 +606,11 @@ impl SupervisorState {
         if self.kernel.is_shutting_down() {
             return Err(KernelError::ShutDown);
         }
+        if self.kernel.registry.contains(&self.path.child(&spec.name)) {
+            return Err(KernelError::AlreadyExists(
+                self.path.child(&spec.name).to_string(),
+            ));
+        }
         if let Some(limit) = self.max_children {
             if self.children.len() >= limit {
                 return Err(KernelError::InvalidSpec {
@@ -613,11 +618,6 @@ impl SupervisorState {
                     reason: format!("supervisor `{}` is full ({limit} children)", self.path),
                 });
             }
-        }
-        if self.kernel.registry.contains(&self.path.child(&spec.name)) {
-            return Err(KernelError::AlreadyExists(
-                self.path.child(&spec.name).to_string(),
-            ));
         }
         let idx = self.add_record(spec)?;
         self.publish_children();
@@ -691,15 +691,12 @@ fn is_stopped(cell: &ActorCell) -> bool {
     cell.get_status() >= ractor::ActorStatus::Stopped
 }
 
+/// Evaluates the start fault points: `kernel.start` (every child) and
+/// `kernel.start:PATH` (one child). Only their `return` action is meaningful here.
 fn injected_start_failure(path: &ActorPath) -> Option<String> {
-    let hit = (|| {
-        fail::fail_point!(START_FAULT_POINT, |target: Option<String>| {
-            match target {
-                Some(t) if t != path.as_str() => None,
-                _ => Some(format!("injected start failure ({START_FAULT_POINT})")),
-            }
-        });
-        None
-    })();
-    hit
+    let specific = format!("{START_FAULT_POINT}:{path}");
+    let injected = [START_FAULT_POINT, specific.as_str()]
+        .into_iter()
+        .find_map(|point| fail::eval(point, |_| format!("injected start failure ({point})")));
+    injected
 }
