@@ -124,7 +124,10 @@ mod tests {
         for (n, delay) in first.iter().enumerate() {
             let base = 100.0 * 2f64.powi((n % 3) as i32);
             let ms = delay.as_secs_f64() * 1000.0;
-            assert!(ms >= base * 0.75 - 1e-6 && ms <= base * 1.25 + 1e-6, "{ms} vs {base}");
+            assert!(
+                ms >= base * 0.75 - 1e-6 && ms <= base * 1.25 + 1e-6,
+                "{ms} vs {base}"
+            );
         }
         assert!(first.windows(2).any(|w| w[0] != w[1]));
     }

@@ -28,7 +28,8 @@ fn declared() -> &'static Mutex<BTreeMap<String, String>> {
     DECLARED.get_or_init(|| {
         Mutex::new(BTreeMap::from([(
             crate::supervisor::START_FAULT_POINT.to_string(),
-            "a child's start fails (`kernel.start=return`; one child: `kernel.start:PATH=return`)".to_string(),
+            "a child's start fails (`kernel.start=return`; one child: `kernel.start:PATH=return`)"
+                .to_string(),
         )]))
     })
 }

@@ -187,14 +187,14 @@ impl Kernel {
 
     fn parent_of(&self, path: &str) -> Result<(Addr<SupervisorMsg>, String)> {
         let node = self.node(path)?;
-        let parent = node
-            .path
-            .parent()
-            .ok_or_else(|| KernelError::InvalidSpec {
-                path: path.to_string(),
-                reason: "the root has no supervisor to act on it".into(),
-            })?;
-        Ok((self.supervisor(parent.as_str())?, node.path.name().to_string()))
+        let parent = node.path.parent().ok_or_else(|| KernelError::InvalidSpec {
+            path: path.to_string(),
+            reason: "the root has no supervisor to act on it".into(),
+        })?;
+        Ok((
+            self.supervisor(parent.as_str())?,
+            node.path.name().to_string(),
+        ))
     }
 
     /// Adds a child to the supervisor at `supervisor` and starts it; returns its path. A

@@ -29,7 +29,9 @@ pub use heartbeat::{Abandoned, Heartbeat};
 pub use kernel::{Kernel, TreeExit};
 pub use path::ActorPath;
 pub use snapshot::{FailureRecord, NodeKind, NodeSnapshot, NodeState, Reliability, TreeSnapshot};
-pub use spec::{ChildSpec, Intensity, RestartType, Shutdown, StartContext, Strategy, SupervisorSpec};
+pub use spec::{
+    ChildSpec, Intensity, RestartType, Shutdown, StartContext, Strategy, SupervisorSpec,
+};
 pub use supervisor::START_FAULT_POINT;
 
 /// Re-exports for macros; not part of the API.

@@ -222,13 +222,7 @@ mod tests {
 
     #[test]
     fn availability_is_mtbf_over_mtbf_plus_mttr() {
-        let r = Reliability::compute(
-            Duration::from_secs(90),
-            3,
-            Duration::from_secs(3),
-            3,
-            None,
-        );
+        let r = Reliability::compute(Duration::from_secs(90), 3, Duration::from_secs(3), 3, None);
         assert_eq!(r.mtbf_secs, Some(30.0));
         assert_eq!(r.mttr_secs, Some(1.0));
         assert!((r.availability - 30.0 / 31.0).abs() < 1e-12);

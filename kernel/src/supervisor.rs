@@ -326,8 +326,7 @@ impl SupervisorState {
             Ok(cell) => {
                 let restarts = rec.node.on_running(cell.clone());
                 rec.instance = Some(Instance { cell, heartbeat });
-                self.kernel
-                    .publish(KernelEvent::Started { path, restarts });
+                self.kernel.publish(KernelEvent::Started { path, restarts });
                 Ok(())
             }
             Err(reason) => {
@@ -351,7 +350,9 @@ impl SupervisorState {
             let rec = &self.children[idx];
             if rec.pending_restart == Some(ticket) && rec.instance.is_none() {
                 let id = rec.id;
-                self.start_instance(myself, idx).await.map_err(|r| (id, r))?;
+                self.start_instance(myself, idx)
+                    .await
+                    .map_err(|r| (id, r))?;
             }
             idx += 1;
         }
@@ -447,11 +448,10 @@ impl SupervisorState {
                     });
                 }
             }
-            let restart = match (restart_type, &exit) {
-                (RestartType::Temporary, _) => false,
-                (RestartType::Transient, Exit::Normal(_)) => false,
-                _ => true,
-            };
+            let restart = !matches!(
+                (restart_type, &exit),
+                (RestartType::Temporary, _) | (RestartType::Transient, Exit::Normal(_))
+            );
             if !restart {
                 if restart_type == RestartType::Temporary || self.strategy == Strategy::Dynamic {
                     self.remove_child(idx);
@@ -513,7 +513,8 @@ impl SupervisorState {
                     path: child_path.clone(),
                     delay,
                 });
-                let _ = myself.send_after(delay, move || SupervisorMsg::DelayedRestart(ticket));
+                // The timer is detached: if this supervisor dies first, its send just fails.
+                drop(myself.send_after(delay, move || SupervisorMsg::DelayedRestart(ticket)));
             }
             self.publish_handled(&child_path);
         }

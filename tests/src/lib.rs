@@ -212,7 +212,10 @@ pub async fn exit_handled(events: &mut EventStream, supervisor: &str, child: &st
 /// Waits for `Started` of `path`.
 pub async fn started(events: &mut EventStream, path: &str) -> KernelEvent {
     events
-        .wait_for(WAIT, |e| matches!(e, KernelEvent::Started { path: p, .. } if p.as_str() == path))
+        .wait_for(
+            WAIT,
+            |e| matches!(e, KernelEvent::Started { path: p, .. } if p.as_str() == path),
+        )
         .await
         .unwrap_or_else(|err| panic!("{path} did not start: {err}"))
 }

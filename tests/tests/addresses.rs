@@ -104,7 +104,11 @@ async fn messages_sent_while_restarting_reach_the_new_instance_in_order() {
             .filter_map(|n| n.strip_prefix(&format!("{sender}:")))
             .map(|s| s.parse().unwrap())
             .collect();
-        assert_eq!(seqs, (0..10).collect::<Vec<_>>(), "sender {sender} in order");
+        assert_eq!(
+            seqs,
+            (0..10).collect::<Vec<_>>(),
+            "sender {sender} in order"
+        );
     }
     kernel.shutdown("test").await;
 }
@@ -130,7 +134,10 @@ async fn a_restart_longer_than_the_caller_waits_hands_the_message_back() {
         .wait_for(WAIT, |e| matches!(e, KernelEvent::RestartScheduled { .. }))
         .await
         .unwrap();
-    let undelivered = addr.cast(ProbeMsg::Note("keep me".into())).await.unwrap_err();
+    let undelivered = addr
+        .cast(ProbeMsg::Note("keep me".into()))
+        .await
+        .unwrap_err();
     assert!(matches!(undelivered.error, KernelError::Unavailable { .. }));
     assert!(matches!(undelivered.message, ProbeMsg::Note(ref n) if n == "keep me"));
     let call = addr.call(ProbeMsg::Ping, None).await.unwrap_err();
@@ -163,9 +170,12 @@ async fn an_address_survives_the_restart_of_its_parent_supervisor() {
 async fn wrong_message_types_and_unknown_paths_are_clear_errors() {
     let journal = Journal::default();
     let (child, _) = probe("p", &journal);
-    let kernel = Kernel::boot("typed", SupervisorSpec::new(Strategy::OneForOne).child(child))
-        .await
-        .unwrap();
+    let kernel = Kernel::boot(
+        "typed",
+        SupervisorSpec::new(Strategy::OneForOne).child(child),
+    )
+    .await
+    .unwrap();
     assert!(matches!(
         kernel.addr::<String>("typed/p"),
         Err(KernelError::WrongMessageType { .. })

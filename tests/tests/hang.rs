@@ -109,7 +109,10 @@ async fn a_missed_heartbeat_is_a_failure_and_the_hung_instance_is_fenced_off() {
     let n = instances.clone();
     let engine = ChildSpec::worker("engine", move |ctx| {
         let instance = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        let heartbeat = ctx.heartbeat().cloned().expect("blocking child has a heartbeat");
+        let heartbeat = ctx
+            .heartbeat()
+            .cloned()
+            .expect("blocking child has a heartbeat");
         (
             Blocky {
                 heartbeat,
@@ -128,7 +131,9 @@ async fn a_missed_heartbeat_is_a_failure_and_the_hung_instance_is_fenced_off() {
     .unwrap();
     let addr = kernel.addr::<BlockyMsg>("hang/engine").unwrap();
     assert_eq!(
-        addr.call(|r| BlockyMsg::Double(21, r), Some(WAIT)).await.unwrap(),
+        addr.call(|r| BlockyMsg::Double(21, r), Some(WAIT))
+            .await
+            .unwrap(),
         42
     );
 
@@ -152,7 +157,9 @@ async fn a_missed_heartbeat_is_a_failure_and_the_hung_instance_is_fenced_off() {
 
     // The replacement answers while the old thread is still stuck.
     assert_eq!(
-        addr.call(|r| BlockyMsg::Double(5, r), Some(WAIT)).await.unwrap(),
+        addr.call(|r| BlockyMsg::Double(5, r), Some(WAIT))
+            .await
+            .unwrap(),
         10
     );
     let node = kernel.snapshot().find("hang/engine").cloned().unwrap();
@@ -167,7 +174,9 @@ async fn a_missed_heartbeat_is_a_failure_and_the_hung_instance_is_fenced_off() {
         .expect("the released thread reports");
     assert_eq!(outcome, "instance 1 fenced off");
     assert_eq!(
-        addr.call(|r| BlockyMsg::Double(7, r), Some(WAIT)).await.unwrap(),
+        addr.call(|r| BlockyMsg::Double(7, r), Some(WAIT))
+            .await
+            .unwrap(),
         14
     );
     kernel.shutdown("test").await;

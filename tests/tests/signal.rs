@@ -41,7 +41,11 @@ async fn sigterm_and_sigint_shut_the_tree_down_in_reverse_order() {
             .await
             .expect("shutdown on signal");
         assert_eq!(exit, TreeExit::Shutdown);
-        assert_eq!(journal.entries(), ["stop c", "stop b", "stop a"], "SIG{signal}");
+        assert_eq!(
+            journal.entries(),
+            ["stop c", "stop b", "stop a"],
+            "SIG{signal}"
+        );
         let seen = events
             .collect_until(WAIT, |e| matches!(e, KernelEvent::ShutdownComplete))
             .await

@@ -175,7 +175,10 @@ async fn restart_types_decide_what_comes_back() {
     exit_handled(&mut events, "types", "types/trans").await;
     assert_eq!(trans_ctl.started(), 2);
     let snapshot = kernel.snapshot();
-    assert_eq!(snapshot.find("types/trans").unwrap().state, NodeState::Stopped);
+    assert_eq!(
+        snapshot.find("types/trans").unwrap().state,
+        NodeState::Stopped
+    );
     // A caller holding its address learns it is stopped, and gets its message back.
     let undelivered = kernel
         .addr::<ProbeMsg>("types/trans")
@@ -190,7 +193,14 @@ async fn restart_types_decide_what_comes_back() {
     cast(&kernel, "types/temp", ProbeMsg::Panic).await;
     exit_handled(&mut events, "types", "types/temp").await;
     assert!(kernel.snapshot().find("types/temp").is_none());
-    assert_eq!(journal.with_prefix("start ").iter().filter(|n| *n == "temp").count(), 1);
+    assert_eq!(
+        journal
+            .with_prefix("start ")
+            .iter()
+            .filter(|n| *n == "temp")
+            .count(),
+        1
+    );
     kernel.shutdown("test").await;
 }
 
@@ -229,7 +239,11 @@ async fn intensity_escalates_through_two_levels() {
     assert!(seen.iter().any(|e| matches!(e,
         KernelEvent::Failed { path, reason } if path.as_str() == "esc/mid" && reason.contains("exceeded"))));
     assert_eq!(worker_ctl.started(), 3);
-    assert_eq!(bystander_ctl.started(), 1, "one_for_one at the root spares the bystander");
+    assert_eq!(
+        bystander_ctl.started(),
+        1,
+        "one_for_one at the root spares the bystander"
+    );
     let snapshot = kernel.snapshot();
     let mid_node = snapshot.find("esc/mid").unwrap();
     assert_eq!(mid_node.restarts, 1);
@@ -355,10 +369,16 @@ async fn children_start_in_order_and_stop_in_reverse_recursively() {
     journal.clear();
     let mut events = kernel.subscribe();
     assert_eq!(kernel.shutdown("test").await, TreeExit::Shutdown);
-    assert_eq!(journal.entries(), ["stop c", "stop b2", "stop b1", "stop a"]);
+    assert_eq!(
+        journal.entries(),
+        ["stop c", "stop b2", "stop b1", "stop a"]
+    );
     let stopped: Vec<String> = std::iter::from_fn(|| events.try_next())
         .filter_map(|e| match e {
-            KernelEvent::Stopped { path, killed: false } => Some(path.to_string()),
+            KernelEvent::Stopped {
+                path,
+                killed: false,
+            } => Some(path.to_string()),
             _ => None,
         })
         .collect();
@@ -428,17 +448,29 @@ async fn failed_pre_start_is_a_failure_counted_and_retried() {
     assert_eq!(control.started(), 2);
     let node = kernel.snapshot().find("prestart/shy").cloned().unwrap();
     assert_eq!(node.reliability.failures, 3);
-    assert!(node.last_failure.unwrap().reason.contains("refuses to start"));
+    assert!(node
+        .last_failure
+        .unwrap()
+        .reason
+        .contains("refuses to start"));
     assert_eq!(
         journal.entries(),
-        ["start shy", "failed-start shy", "failed-start shy", "start shy"]
+        [
+            "start shy",
+            "failed-start shy",
+            "failed-start shy",
+            "start shy"
+        ]
     );
 
     // A child that never starts exhausts the intensity: the supervisor escalates.
     control.set_start(StartBehaviour::Fail);
     cast(&kernel, "prestart/shy", ProbeMsg::Panic).await;
     events
-        .wait_for(WAIT, |e| matches!(e, KernelEvent::Escalated { path, .. } if path.as_str() == "prestart"))
+        .wait_for(
+            WAIT,
+            |e| matches!(e, KernelEvent::Escalated { path, .. } if path.as_str() == "prestart"),
+        )
         .await
         .unwrap();
     assert!(matches!(kernel.wait().await, TreeExit::RootFailed(_)));
@@ -452,9 +484,15 @@ async fn a_child_that_never_starts_fails_the_boot_with_a_clear_error() {
     let spec = SupervisorSpec::new(Strategy::OneForOne)
         .intensity(2, Duration::from_secs(60))
         .child(child);
-    let err = Kernel::boot("noboot", spec).await.err().expect("boot must fail");
+    let err = Kernel::boot("noboot", spec)
+        .await
+        .err()
+        .expect("boot must fail");
     let text = err.to_string();
-    assert!(text.contains("noboot") && text.contains("exceeded 2 restarts"), "{text}");
+    assert!(
+        text.contains("noboot") && text.contains("exceeded 2 restarts"),
+        "{text}"
+    );
     assert_eq!(journal.entries().len(), 3, "initial start + 2 restarts");
 }
 
@@ -516,7 +554,10 @@ async fn kill_counts_as_a_failure_and_operator_restart_does_not() {
     assert_eq!(a.last_failure.as_ref().unwrap().reason, "killed");
     assert_eq!((a.restarts, a.reliability.failures), (1, 1));
     assert_eq!((b.restarts, b.reliability.failures), (1, 0));
-    assert!(matches!(kernel.kill("ops/nope"), Err(KernelError::NotFound(_))));
+    assert!(matches!(
+        kernel.kill("ops/nope"),
+        Err(KernelError::NotFound(_))
+    ));
     assert!(matches!(
         kernel.restart_child("ops").await,
         Err(KernelError::InvalidSpec { .. })
@@ -571,6 +612,9 @@ async fn snapshot_reports_state_counters_and_reliability_as_json() {
     assert_eq!(json["root"]["strategy"], "one_for_one");
 
     let rendered = snapshot.render();
-    assert!(rendered.contains("snap/") || rendered.contains("└─ c"), "{rendered}");
+    assert!(
+        rendered.contains("snap/") || rendered.contains("└─ c"),
+        "{rendered}"
+    );
     kernel.shutdown("test").await;
 }
