@@ -143,6 +143,16 @@ impl NodeEntry {
         });
     }
 
+    /// Like [`NodeEntry::on_down`], but only while the slot still holds the instance `cell`:
+    /// cleanup of a dead supervisor may run after its replacement has started new
+    /// instances, and must not mark those down.
+    pub(crate) fn on_down_if_current(&self, cell: &ActorCell, will_return: bool) {
+        let current = matches!(&*self.slot.borrow(), Slot::Running(c) if c.get_id() == cell.get_id());
+        if current {
+            self.on_down(will_return);
+        }
+    }
+
     /// The node failed for good (its supervisor gave up and escalated past it).
     pub(crate) fn on_abandoned(&self) {
         let mut stats = self.stats();

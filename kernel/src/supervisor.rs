@@ -671,7 +671,8 @@ impl SupervisorState {
 }
 
 impl Drop for SupervisorState {
-    // `post_stop` does not run when a supervisor fails or is killed; this does.
+    // `post_stop` does not run when a supervisor fails or is killed; this does. It may run
+    // after the parent already restarted this supervisor, hence the conditional update.
     fn drop(&mut self) {
         if let Some((_, watchdog)) = self.watchdog.take() {
             watchdog.abort();
@@ -682,7 +683,7 @@ impl Drop for SupervisorState {
                     heartbeat.abandon();
                 }
                 instance.cell.kill();
-                rec.node.on_down(true);
+                rec.node.on_down_if_current(&instance.cell, true);
             }
         }
     }
