@@ -618,3 +618,28 @@ async fn snapshot_reports_state_counters_and_reliability_as_json() {
     );
     kernel.shutdown("test").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_supervisor_restarts_its_subtree_and_addresses_keep_working() {
+    let journal = Journal::default();
+    let (x, x_ctl) = probe("x", &journal);
+    let (y, y_ctl) = probe("y", &journal);
+    let inner = SupervisorSpec::new(Strategy::OneForOne).child(x).child(y);
+    let spec = SupervisorSpec::new(Strategy::OneForOne)
+        .intensity(100, Duration::from_secs(60))
+        .child(ChildSpec::supervisor("inner", inner));
+    let kernel = boot("killsup", spec).await;
+    let mut events = kernel.subscribe();
+    for round in 2..=6 {
+        kernel.kill("killsup/inner").unwrap();
+        exit_handled(&mut events, "killsup", "killsup/inner").await;
+        assert_eq!(ping(&kernel, "killsup/inner/x").await, round);
+        assert_eq!(ping(&kernel, "killsup/inner/y").await, round);
+        let snapshot = kernel.snapshot();
+        for path in ["killsup/inner", "killsup/inner/x", "killsup/inner/y"] {
+            assert_eq!(snapshot.find(path).unwrap().state, NodeState::Running, "{path}");
+        }
+    }
+    assert_eq!((x_ctl.started(), y_ctl.started()), (6, 6));
+    kernel.shutdown("test").await;
+}
