@@ -147,7 +147,8 @@ impl NodeEntry {
     /// cleanup of a dead supervisor may run after its replacement has started new
     /// instances, and must not mark those down.
     pub(crate) fn on_down_if_current(&self, cell: &ActorCell, will_return: bool) {
-        let current = matches!(&*self.slot.borrow(), Slot::Running(c) if c.get_id() == cell.get_id());
+        let current =
+            matches!(&*self.slot.borrow(), Slot::Running(c) if c.get_id() == cell.get_id());
         if current {
             self.on_down(will_return);
         }

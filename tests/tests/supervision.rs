@@ -637,7 +637,11 @@ async fn killing_a_supervisor_restarts_its_subtree_and_addresses_keep_working() 
         assert_eq!(ping(&kernel, "killsup/inner/y").await, round);
         let snapshot = kernel.snapshot();
         for path in ["killsup/inner", "killsup/inner/x", "killsup/inner/y"] {
-            assert_eq!(snapshot.find(path).unwrap().state, NodeState::Running, "{path}");
+            assert_eq!(
+                snapshot.find(path).unwrap().state,
+                NodeState::Running,
+                "{path}"
+            );
         }
     }
     assert_eq!((x_ctl.started(), y_ctl.started()), (6, 6));
