@@ -33,6 +33,22 @@ impl KernelShared {
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
     }
+
+    pub(crate) fn addr<M: Message>(&self, path: &str) -> Result<Addr<M>> {
+        let node = self
+            .registry
+            .get(&ActorPath::from(path))
+            .ok_or_else(|| KernelError::NotFound(path.to_string()))?;
+        if let Slot::Running(cell) = node.current() {
+            if cell.is_message_type_of::<M>() == Some(false) {
+                return Err(KernelError::WrongMessageType {
+                    path: path.to_string(),
+                    expected: std::any::type_name::<M>(),
+                });
+            }
+        }
+        Ok(Addr::new(node))
+    }
 }
 
 /// How the tree ended.
@@ -165,16 +181,7 @@ impl Kernel {
 
     /// A stable, typed address of the actor at `path` (valid across its restarts).
     pub fn addr<M: Message>(&self, path: &str) -> Result<Addr<M>> {
-        let node = self.node(path)?;
-        if let Slot::Running(cell) = node.current() {
-            if cell.is_message_type_of::<M>() == Some(false) {
-                return Err(KernelError::WrongMessageType {
-                    path: path.to_string(),
-                    expected: std::any::type_name::<M>(),
-                });
-            }
-        }
-        Ok(Addr::new(node))
+        self.shared.addr(path)
     }
 
     fn supervisor(&self, path: &str) -> Result<Addr<SupervisorMsg>> {

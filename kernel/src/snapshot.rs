@@ -184,10 +184,10 @@ fn render_node(node: &NodeSnapshot, prefix: &str, last: bool, root: bool, out: &
         .mttr_secs
         .map(|s| format!("{:.1}µs", s * 1e6))
         .unwrap_or_else(|| "-".into());
+    let label = format!("{prefix}{branch}{}", node.name);
     let _ = write!(
         out,
-        "{prefix}{branch}{name:<14} {kind:<11} {state:<10} restarts={restarts} up={up:.2}s msgs={msgs} mtbf={mtbf} mttr={mttr} avail={avail:.6}",
-        name = node.name,
+        "{label:<28} {kind:<11} {state:<10} restarts={restarts} up={up:.2}s msgs={msgs} mtbf={mtbf} mttr={mttr} avail={avail:.6}",
         state = format!("{:?}", node.state).to_lowercase(),
         restarts = node.restarts,
         up = node.uptime_secs,

@@ -103,6 +103,12 @@ impl StartContext {
         self.heartbeat.as_ref()
     }
 
+    /// A stable address of another actor of the tree, e.g. a sibling started earlier (or
+    /// later: its address waits for it like for a restart).
+    pub fn addr<M: ractor::Message>(&self, path: &str) -> crate::Result<crate::Addr<M>> {
+        self.kernel.addr(path)
+    }
+
     /// Counts one handled message for this node (used by start functions that spawn actors
     /// not wrapped by [`ChildSpec::worker`]).
     pub fn count_message(&self) {

@@ -1,2 +1,52 @@
-//! The `llmos` binary (placeholder until the demo lands).
-fn main() {}
+//! `llmos`: the single binary of LLMasOS. Each subcommand lives in its own module; this file
+//! parses the command line, sets up logging and the async runtime, and is the only place
+//! where errors become `anyhow` errors and an exit status.
+
+mod demo;
+mod logging;
+mod output;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::output::{Format, Output};
+
+/// LLMasOS: an Erlang/OTP-style supervision tree that hosts LLM apps.
+#[derive(Debug, Parser)]
+#[command(name = "llmos", version, about, propagate_version = true)]
+struct Cli {
+    /// Machine-readable output: JSON log lines on stderr, one JSON object per line on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands; each has a module of the same name.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a small tree of real actors, crash one through a fault point, watch the kernel
+    /// restart it, then shut down in order.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let format = if cli.json {
+        Format::Json
+    } else {
+        Format::Human
+    };
+    logging::init(format).context("cannot set up logging")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("llmos")
+        .build()
+        .context("cannot start the async runtime")?;
+    let output = Output::stdout(format);
+    match cli.command {
+        Command::Demo(args) => runtime.block_on(demo::run(args, output))?,
+    }
+    Ok(())
+}
