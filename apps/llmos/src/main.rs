@@ -3,7 +3,9 @@
 //! where errors become `anyhow` errors and an exit status.
 
 mod demo;
+mod generate;
 mod logging;
+mod model;
 mod output;
 
 use anyhow::Context as _;
@@ -29,16 +31,38 @@ enum Command {
     /// Boot a small tree of real actors, crash one through a fault point, watch the kernel
     /// restart it, then shut down in order.
     Demo(demo::DemoArgs),
+    /// Generate a continuation of a prompt, streamed to stdout as it is produced.
+    Run(generate::RunArgs),
+    /// Continue the unfinished request of an interrupted `run --state-dir DIR`.
+    Resume(generate::ResumeArgs),
+    /// Model tools.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // One clear line (with its causes), never a backtrace: this is the user's error.
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let format = if cli.json {
         Format::Json
     } else {
         Format::Human
     };
     logging::init(format).context("cannot set up logging")?;
+    // Before any thread reads the environment (see llmos_device::init_cpu_threads).
+    llmos_device::init_cpu_threads(
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("llmos")
@@ -47,6 +71,9 @@ fn main() -> anyhow::Result<()> {
     let output = Output::stdout(format);
     match cli.command {
         Command::Demo(args) => runtime.block_on(demo::run(args, output))?,
+        Command::Run(args) => runtime.block_on(generate::run(args))?,
+        Command::Resume(args) => runtime.block_on(generate::resume(args))?,
+        Command::Model(command) => model::run(command)?,
     }
     Ok(())
 }

@@ -1,0 +1,337 @@
+//! The inference runtime: boots the supervision tree of DESIGN.md around a model, admits
+//! requests and streams their tokens, and resumes unfinished requests from the journal.
+//!
+//! ```text
+//! llmos                 one_for_one
+//! ├─ journal            permanent   write-ahead token log
+//! ├─ models             permanent   the loaded model (weights shared, never reloaded below)
+//! ├─ devices            one_for_one
+//! │  └─ cpu:0           one_for_all
+//! │     ├─ pool         permanent   KV block pool (memory outlives restarts)
+//! │     └─ engine       permanent   blocking: heartbeat-watched compute thread
+//! ├─ scheduler          permanent   admission, placement, failover
+//! └─ requests           dynamic     one transient task per request
+//! ```
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use llmos_device::LogicalDevice;
+use llmos_journal::Record;
+use llmos_kernel::ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use llmos_kernel::{ChildSpec, Kernel, RestartType, Strategy, SupervisorSpec};
+use tokio::sync::mpsc;
+
+use crate::config::RuntimeConfig;
+use crate::engine::EngineActor;
+use crate::error::InferenceError;
+use crate::journal_actor::JournalActor;
+use crate::kvpool::DevicePool;
+use crate::models_actor::{load_model, ModelsActor};
+use crate::sampler::SamplingParams;
+use crate::scheduler::{SchedulerActor, SchedulerMsg, SCHEDULER_PATH};
+use crate::services::{DeviceRuntime, Services};
+use crate::sink::{RequestSink, StreamEvent};
+use crate::task::{task_spec, visible_upto, RequestParams, REQUESTS_PATH};
+
+/// A running inference system.
+#[derive(Clone)]
+pub struct Runtime {
+    kernel: Kernel,
+    services: Arc<Services>,
+}
+
+/// The client end of one request.
+pub struct RequestStream {
+    /// The request id.
+    pub id: u64,
+    /// Tokens delivered before this stream was attached (resumed requests).
+    pub already_delivered: u32,
+    /// Tokens and the end, in order.
+    pub events: mpsc::UnboundedReceiver<StreamEvent>,
+}
+
+impl Runtime {
+    /// Loads the model, opens the devices and their KV pools, and boots the tree.
+    pub async fn boot(config: RuntimeConfig) -> Result<Runtime, InferenceError> {
+        std::fs::create_dir_all(&config.state_dir).map_err(|e| {
+            InferenceError::Internal(format!(
+                "cannot create state directory {}: {e}",
+                config.state_dir.display()
+            ))
+        })?;
+        let model = Arc::new(load_model(&config)?);
+        let shape = model.model.kv_shape();
+        let mut devices = Vec::new();
+        for id in &config.devices {
+            let device = LogicalDevice::open(*id)?;
+            let pool = DevicePool::open(&config, shape, *id, &model.name)?;
+            devices.push(DeviceRuntime { device, pool });
+        }
+        let services = Arc::new(Services::new(config, devices));
+        services.set_model(model);
+        let kernel = Kernel::boot("llmos", tree(&services)).await?;
+        services.set_kernel(kernel.clone());
+        let runtime = Runtime { kernel, services };
+        runtime
+            .scheduler()
+            .await?
+            .cast(SchedulerMsg::Watch)
+            .await
+            .map_err(|u| u.error)?;
+        Ok(runtime)
+    }
+
+    /// The kernel (tree, addresses, faults).
+    pub fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+
+    /// The shared services (model, devices).
+    pub fn services(&self) -> &Arc<Services> {
+        &self.services
+    }
+
+    /// Admits a request: validates it, journals `Begin`, starts its task.
+    pub async fn submit(
+        &self,
+        prompt: &str,
+        params: SamplingParams,
+    ) -> Result<RequestStream, InferenceError> {
+        params.validate()?;
+        if prompt.is_empty() {
+            return Err(InferenceError::EmptyPrompt);
+        }
+        let model = self.services.model()?;
+        let prompt_tokens = model.tokenizer.encode(prompt, true)?;
+        if prompt_tokens.len() >= model.context {
+            return Err(InferenceError::PromptTooLong {
+                prompt: prompt_tokens.len(),
+                context: model.context,
+            });
+        }
+        let needed = (prompt_tokens.len() + params.max_tokens).min(model.context);
+        self.admit(needed).await?;
+        let id = self.services.next_request_id();
+        let payload = RequestParams {
+            sampling: params,
+            model: model.name.clone(),
+        };
+        let begin = Record::Begin {
+            request: id,
+            prompt_tokens,
+            params: serde_json::to_vec(&payload)
+                .map_err(|e| InferenceError::Internal(format!("params: {e}")))?,
+        };
+        if let Err(err) = self.append(&begin) {
+            self.release(id).await;
+            return Err(err);
+        }
+        let (sink, events) = RequestSink::new(0, 0);
+        self.services.add_sink(id, Arc::new(sink));
+        if let Err(err) = self
+            .kernel
+            .start_child(REQUESTS_PATH, task_spec(self.services.clone(), id))
+            .await
+        {
+            self.services.remove_sink(id);
+            self.release(id).await;
+            return Err(err.into());
+        }
+        Ok(RequestStream {
+            id,
+            already_delivered: 0,
+            events,
+        })
+    }
+
+    /// Resumes every unfinished request of the journal (after a process restart); each
+    /// stream continues after the last token its client was known to have received.
+    pub async fn resume_unfinished(&self) -> Result<Vec<RequestStream>, InferenceError> {
+        let model = self.services.model()?;
+        let unfinished: Vec<(u64, llmos_journal::RequestLog)> = {
+            let journal = self.services.journal()?;
+            let journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+            journal
+                .unfinished()
+                .map(|(id, log)| (id, log.clone()))
+                .collect()
+        };
+        let mut streams = Vec::new();
+        for (id, log) in unfinished {
+            let params: RequestParams = serde_json::from_slice(&log.params)
+                .map_err(|e| InferenceError::Corrupt(format!("request {id}: params: {e}")))?;
+            let delivered = log.delivered.min(log.tokens.len() as u32);
+            let mut tokens = log.prompt_tokens.clone();
+            tokens.extend_from_slice(&log.tokens);
+            let shown = visible_upto(
+                &model,
+                &tokens,
+                log.prompt_tokens.len(),
+                delivered as usize,
+                &params.sampling.stop,
+            );
+            let (sink, events) = RequestSink::new(delivered, shown.len());
+            self.services.add_sink(id, Arc::new(sink));
+            let _ = self.admit(0).await;
+            self.kernel
+                .start_child(REQUESTS_PATH, task_spec(self.services.clone(), id))
+                .await?;
+            streams.push(RequestStream {
+                id,
+                already_delivered: delivered,
+                events,
+            });
+        }
+        Ok(streams)
+    }
+
+    /// Records that the client of `request` has received `cursor` tokens, so a resume in a
+    /// new process does not repeat them.
+    pub fn record_delivered(&self, request: u64, cursor: u32) -> Result<(), InferenceError> {
+        self.append(&Record::Delivered { request, cursor })
+    }
+
+    /// Orderly shutdown of the tree (the journal is flushed by its actor).
+    pub async fn shutdown(&self, reason: &str) {
+        self.kernel.shutdown(reason).await;
+    }
+
+    fn append(&self, record: &Record) -> Result<(), InferenceError> {
+        let journal = self.services.journal()?;
+        let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+        journal.append(record).map_err(InferenceError::from)
+    }
+
+    async fn scheduler(&self) -> Result<llmos_kernel::Addr<SchedulerMsg>, InferenceError> {
+        Ok(self.kernel.addr::<SchedulerMsg>(SCHEDULER_PATH)?)
+    }
+
+    async fn admit(&self, tokens: usize) -> Result<(), InferenceError> {
+        self.scheduler()
+            .await?
+            .call(
+                |reply| SchedulerMsg::Admit { tokens, reply },
+                Some(Duration::from_secs(30)),
+            )
+            .await?
+    }
+
+    async fn release(&self, request: u64) {
+        if let Ok(scheduler) = self.scheduler().await {
+            let _ = scheduler.cast(SchedulerMsg::Release { request }).await;
+        }
+    }
+}
+
+/// The tree of DESIGN.md for these services.
+fn tree(services: &Arc<Services>) -> SupervisorSpec {
+    let mut devices = SupervisorSpec::new(Strategy::OneForOne);
+    for (index, runtime) in services.devices.iter().enumerate() {
+        let (s_pool, s_engine) = (services.clone(), services.clone());
+        let device = SupervisorSpec::new(Strategy::OneForAll)
+            .child(ChildSpec::worker("pool", move |_ctx| {
+                (
+                    PoolActor {
+                        services: s_pool.clone(),
+                        device: index,
+                    },
+                    (),
+                )
+            }))
+            .child(
+                ChildSpec::worker("engine", move |ctx| {
+                    (
+                        EngineActor {
+                            services: s_engine.clone(),
+                            device: index,
+                            heartbeat: ctx
+                                .heartbeat()
+                                .cloned()
+                                .expect("engines are declared blocking"),
+                        },
+                        (),
+                    )
+                })
+                .blocking(services.config.engine_heartbeat),
+            );
+        devices = devices.child(ChildSpec::supervisor(
+            runtime.device.id().to_string(),
+            device,
+        ));
+    }
+    let (s_journal, s_models, s_sched) = (services.clone(), services.clone(), services.clone());
+    SupervisorSpec::new(Strategy::OneForOne)
+        .child(ChildSpec::worker("journal", move |_ctx| {
+            (
+                JournalActor {
+                    services: s_journal.clone(),
+                },
+                (),
+            )
+        }))
+        .child(ChildSpec::worker("models", move |_ctx| {
+            (
+                ModelsActor {
+                    services: s_models.clone(),
+                },
+                (),
+            )
+        }))
+        .child(ChildSpec::supervisor("devices", devices))
+        .child(ChildSpec::worker("scheduler", move |_ctx| {
+            (
+                SchedulerActor {
+                    services: s_sched.clone(),
+                },
+                (),
+            )
+        }))
+        .child(
+            ChildSpec::supervisor("requests", SupervisorSpec::new(Strategy::Dynamic))
+                .restart(RestartType::Permanent),
+        )
+}
+
+/// Messages of a device's pool actor.
+pub enum PoolMsg {
+    /// Current block usage.
+    Stats(RpcReplyPort<llmos_kv::PoolStats>),
+}
+
+/// Owner of a device's KV block pool in the tree: the memory itself outlives this actor
+/// (it belongs to the device runtime), so a restart loses no KV; the actor reports usage.
+pub struct PoolActor {
+    services: Arc<Services>,
+    device: usize,
+}
+
+impl Actor for PoolActor {
+    type Msg = PoolMsg;
+    type State = ();
+    type Arguments = ();
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<PoolMsg>,
+        _args: (),
+    ) -> Result<(), ActorProcessingErr> {
+        let stats = self.services.devices[self.device].pool.stats();
+        tracing::info!(device = %self.services.devices[self.device].device.id(), ?stats, "KV pool ready");
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<PoolMsg>,
+        message: PoolMsg,
+        _state: &mut (),
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            PoolMsg::Stats(reply) => {
+                let _ = reply.send(self.services.devices[self.device].pool.stats());
+            }
+        }
+        Ok(())
+    }
+}

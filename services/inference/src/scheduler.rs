@@ -1,0 +1,245 @@
+//! The scheduler: admits requests (or answers "overloaded"), places sequences on healthy
+//! devices, and moves them when their engine fails, hangs or their device is lost.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use llmos_device::DeviceId;
+use llmos_kernel::ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use llmos_kernel::{Addr, KernelEvent};
+
+use crate::engine::EngineMsg;
+use crate::error::InferenceError;
+use crate::services::Services;
+use crate::task::{task_name, TaskMsg, REQUESTS_PATH};
+
+/// Where the scheduler lives.
+pub const SCHEDULER_PATH: &str = "llmos/scheduler";
+
+/// The path of the engine of `device`.
+pub fn engine_path(device: DeviceId) -> String {
+    format!("llmos/devices/{device}/engine")
+}
+
+/// Requests to the scheduler.
+pub enum SchedulerMsg {
+    /// May one more request start? Reserves a slot when it may.
+    Admit {
+        /// Tokens the request may need (prompt + max new tokens) for the KV check.
+        tokens: usize,
+        /// The answer.
+        reply: RpcReplyPort<Result<(), InferenceError>>,
+    },
+    /// Where should this request's sequence run? Keeps the current device while it is
+    /// healthy; otherwise the healthy device with the fewest sequences.
+    Place {
+        /// The request.
+        request: u64,
+        /// The device and its engine's address.
+        reply: RpcReplyPort<Result<(DeviceId, Addr<EngineMsg>), InferenceError>>,
+    },
+    /// The request ended: free its slot.
+    Release {
+        /// The request.
+        request: u64,
+    },
+    /// A kernel event (engine failures and hangs matter).
+    Kernel(KernelEvent),
+    /// Start watching kernel events (sent once the kernel is booted).
+    Watch,
+}
+
+/// The scheduler actor.
+pub struct SchedulerActor {
+    /// Shared services.
+    pub services: Arc<Services>,
+}
+
+/// Scheduler state: admitted requests and their placement.
+pub struct SchedulerState {
+    active: usize,
+    placement: HashMap<u64, DeviceId>,
+    watching: bool,
+}
+
+impl Actor for SchedulerActor {
+    type Msg = SchedulerMsg;
+    type State = SchedulerState;
+    type Arguments = ();
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<SchedulerMsg>,
+        _args: (),
+    ) -> Result<SchedulerState, ActorProcessingErr> {
+        Ok(SchedulerState {
+            active: 0,
+            placement: HashMap::new(),
+            watching: false,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<SchedulerMsg>,
+        state: &mut SchedulerState,
+    ) -> Result<(), ActorProcessingErr> {
+        // Tasks that survived a scheduler restart are counted again from the tree. At first
+        // boot the kernel handle does not exist yet; the runtime sends `Watch` after boot.
+        if let Ok(kernel) = self.services.kernel() {
+            if let Some(requests) = kernel.snapshot().find(REQUESTS_PATH) {
+                state.active = requests.children.len();
+            }
+            self.watch(&myself, state);
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SchedulerMsg>,
+        message: SchedulerMsg,
+        state: &mut SchedulerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            SchedulerMsg::Admit { tokens, reply } => {
+                let _ = reply.send(self.admit(state, tokens));
+            }
+            SchedulerMsg::Place { request, reply } => {
+                let placed = self.place(state, request);
+                let _ = reply.send(placed);
+            }
+            SchedulerMsg::Release { request } => {
+                state.placement.remove(&request);
+                state.active = state.active.saturating_sub(1);
+            }
+            SchedulerMsg::Kernel(event) => self.on_kernel_event(state, event),
+            SchedulerMsg::Watch => self.watch(&myself, state),
+        }
+        Ok(())
+    }
+}
+
+impl SchedulerActor {
+    /// Forwards engine failures and hangs from the kernel's event stream (once).
+    fn watch(&self, myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
+        if state.watching {
+            return;
+        }
+        let Ok(kernel) = self.services.kernel() else {
+            return;
+        };
+        state.watching = true;
+        let mut events = kernel.subscribe();
+        let myself = myself.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                let relevant = matches!(
+                    event,
+                    KernelEvent::Failed { .. } | KernelEvent::HangDetected { .. }
+                );
+                if relevant && myself.send_message(SchedulerMsg::Kernel(event)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    fn admit(&self, state: &mut SchedulerState, tokens: usize) -> Result<(), InferenceError> {
+        let limit = self.services.config.max_active;
+        if state.active >= limit {
+            return Err(InferenceError::Overloaded(format!(
+                "{} requests in flight (limit {limit})",
+                state.active
+            )));
+        }
+        let healthy: Vec<_> = self
+            .services
+            .devices
+            .iter()
+            .filter(|d| d.device.is_healthy())
+            .collect();
+        if healthy.is_empty() {
+            return Err(InferenceError::NoDevice("every device is lost".into()));
+        }
+        if !healthy.iter().any(|d| d.pool.can_hold(tokens)) {
+            return Err(InferenceError::Overloaded(format!(
+                "no device has KV room for {tokens} tokens"
+            )));
+        }
+        state.active += 1;
+        Ok(())
+    }
+
+    fn place(
+        &self,
+        state: &mut SchedulerState,
+        request: u64,
+    ) -> Result<(DeviceId, Addr<EngineMsg>), InferenceError> {
+        let current = state.placement.get(&request).copied();
+        let healthy = |id: DeviceId| {
+            self.services
+                .devices
+                .iter()
+                .any(|d| d.device.id() == id && d.device.is_healthy())
+        };
+        let chosen = match current {
+            Some(id) if healthy(id) => id,
+            _ => {
+                let mut load: HashMap<DeviceId, usize> = HashMap::new();
+                for device in state.placement.values() {
+                    *load.entry(*device).or_default() += 1;
+                }
+                self.services
+                    .devices
+                    .iter()
+                    .filter(|d| d.device.is_healthy())
+                    .map(|d| d.device.id())
+                    .min_by_key(|id| load.get(id).copied().unwrap_or(0))
+                    .ok_or_else(|| InferenceError::NoDevice("every device is lost".into()))?
+            }
+        };
+        if current.is_some_and(|c| c != chosen) {
+            tracing::warn!(request, from = %current.unwrap_or(chosen), to = %chosen, "moving sequence to another device");
+        }
+        state.placement.insert(request, chosen);
+        let engine = self
+            .services
+            .kernel()?
+            .addr::<EngineMsg>(&engine_path(chosen))?;
+        Ok((chosen, engine))
+    }
+
+    /// An engine failed or hung: tell each task placed on its device to attach again.
+    fn on_kernel_event(&self, state: &mut SchedulerState, event: KernelEvent) {
+        let path = match &event {
+            KernelEvent::Failed { path, .. } | KernelEvent::HangDetected { path, .. } => path,
+            _ => return,
+        };
+        let Some(device) = self
+            .services
+            .devices
+            .iter()
+            .map(|d| d.device.id())
+            .find(|id| {
+                path.as_str() == engine_path(*id) || path.as_str() == format!("llmos/devices/{id}")
+            })
+        else {
+            return;
+        };
+        let Ok(kernel) = self.services.kernel() else {
+            return;
+        };
+        for (request, placed) in &state.placement {
+            if *placed != device {
+                continue;
+            }
+            let path = format!("{REQUESTS_PATH}/{}", task_name(*request));
+            if let Ok(task) = kernel.addr::<TaskMsg>(&path) {
+                tokio::spawn(async move {
+                    let _ = task.cast(TaskMsg::EngineLost { device }).await;
+                });
+            }
+        }
+    }
+}

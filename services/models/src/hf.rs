@@ -1,0 +1,414 @@
+//! Hugging Face checkpoint directories (Llama family): `config.json`, one or more
+//! `*.safetensors` shards mapped read-only, and `tokenizer.json`.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use crate::config::{ModelConfig, RopeLayout, SourceFormat};
+use crate::error::{ModelError, Result};
+use crate::weights::{to_f32, Fused, Layer, RawLinear, Weights};
+
+/// The `config.json` fields a Llama-family model needs.
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    #[serde(default)]
+    architectures: Vec<String>,
+    #[serde(default)]
+    model_type: Option<String>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    #[serde(default)]
+    num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    #[serde(default)]
+    max_position_embeddings: Option<usize>,
+    #[serde(default)]
+    rms_norm_eps: Option<f64>,
+    #[serde(default)]
+    rope_theta: Option<f64>,
+    #[serde(default)]
+    rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    hidden_act: Option<String>,
+    #[serde(default)]
+    attention_bias: Option<bool>,
+    #[serde(default)]
+    mlp_bias: Option<bool>,
+    #[serde(default)]
+    sliding_window: Option<usize>,
+    #[serde(default)]
+    bos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    eos_token_id: Option<serde_json::Value>,
+}
+
+/// First id of a `config.json` id field (a number, or a list as in Llama 3).
+fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
+    match v.as_ref()? {
+        serde_json::Value::Number(n) => n.as_u64().and_then(|x| u32::try_from(x).ok()),
+        serde_json::Value::Array(a) => first_id(&a.first().cloned()),
+        _ => None,
+    }
+}
+
+fn config(path: &Path, hf: &HfConfig) -> Result<ModelConfig> {
+    let unsupported = |detail: String| ModelError::UnsupportedArchitecture {
+        path: path.into(),
+        detail,
+    };
+    let arch = hf
+        .architectures
+        .first()
+        .cloned()
+        .or_else(|| hf.model_type.clone())
+        .unwrap_or_default();
+    let mut max_seq_len = hf.max_position_embeddings.unwrap_or(2048);
+    match arch.as_str() {
+        "LlamaForCausalLM" | "llama" => {}
+        "MistralForCausalLM" | "mistral" => {
+            // Mistral is Llama plus a sliding attention window; within the window the two
+            // are the same function, so cap the context there instead of masking.
+            if let Some(w) = hf.sliding_window {
+                max_seq_len = max_seq_len.min(w);
+            }
+        }
+        "Qwen2ForCausalLM" | "qwen2" => {
+            return Err(unsupported(format!(
+                "{arch}: q/k/v projection biases are not implemented"
+            )))
+        }
+        "" => return Err(unsupported("config.json names no architecture".into())),
+        other => {
+            return Err(unsupported(format!(
+                "{other}; supported: LlamaForCausalLM, MistralForCausalLM"
+            )))
+        }
+    }
+    if hf.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(unsupported(format!(
+            "{arch}: rope_scaling is not supported"
+        )));
+    }
+    if hf.attention_bias == Some(true) || hf.mlp_bias == Some(true) {
+        return Err(unsupported(format!(
+            "{arch}: projection biases are not supported"
+        )));
+    }
+    if let Some(act) = &hf.hidden_act {
+        if act != "silu" {
+            return Err(unsupported(format!(
+                "{arch}: activation {act:?} (want silu)"
+            )));
+        }
+    }
+    let n_heads = hf.num_attention_heads;
+    let head_dim = hf
+        .head_dim
+        .unwrap_or(hf.hidden_size.checked_div(n_heads).unwrap_or(0));
+    let config = ModelConfig {
+        architecture: arch,
+        dim: hf.hidden_size,
+        n_layers: hf.num_hidden_layers,
+        n_heads,
+        n_kv_heads: hf.num_key_value_heads.unwrap_or(n_heads),
+        head_dim,
+        ffn_dim: hf.intermediate_size,
+        vocab_size: hf.vocab_size,
+        max_seq_len,
+        rope_theta: hf.rope_theta.unwrap_or(10_000.0) as f32,
+        rms_eps: hf.rms_norm_eps.unwrap_or(1e-6) as f32,
+        rope_layout: RopeLayout::HalfSplit,
+        tied_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+        source: SourceFormat::HuggingFace,
+        weight_type: String::new(),
+    };
+    config
+        .validate()
+        .map_err(|e| ModelError::corrupt(path, format!("invalid hyper-parameters: {e}")))?;
+    Ok(config)
+}
+
+/// One entry of a safetensors header.
+#[derive(Debug, Deserialize)]
+struct StEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [usize; 2],
+}
+
+/// Checks a shard's header against its length before candle maps it: candle reports
+/// these cases as generic errors, we want "truncated" vs "corrupt" and the tensor name.
+fn check_shard(path: &Path) -> Result<HashMap<String, StEntry>> {
+    let map = crate::mmap::map_file(path)?;
+    let truncated = |detail: String| ModelError::Truncated {
+        path: path.into(),
+        detail,
+    };
+    if map.len() < 8 {
+        return Err(truncated(format!(
+            "{} bytes, no safetensors header",
+            map.len()
+        )));
+    }
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&map[..8]);
+    let n = u64::from_le_bytes(n);
+    let header_end = usize::try_from(n)
+        .ok()
+        .and_then(|n| n.checked_add(8))
+        .filter(|&e| e <= map.len())
+        .ok_or_else(|| truncated(format!("header of {n} bytes, file has {}", map.len())))?;
+    let mut header: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&map[8..header_end])
+            .map_err(|e| ModelError::corrupt(path, format!("safetensors header: {e}")))?;
+    header.remove("__metadata__");
+    let data_len = map.len() - header_end;
+    let mut entries = HashMap::with_capacity(header.len());
+    for (name, v) in header {
+        let e: StEntry = serde_json::from_value(v)
+            .map_err(|e| ModelError::corrupt(path, format!("safetensors entry {name}: {e}")))?;
+        let [b, end] = e.data_offsets;
+        if b > end {
+            return Err(ModelError::corrupt(
+                path,
+                format!("tensor {name}: offsets {b} > {end}"),
+            ));
+        }
+        if end > data_len {
+            return Err(truncated(format!(
+                "tensor {name} needs data bytes {b}..{end}, file has {data_len}"
+            )));
+        }
+        entries.insert(name, e);
+    }
+    Ok(entries)
+}
+
+/// The shards of a checkpoint: the index's files, else `model.safetensors`, else every
+/// `*.safetensors` in the directory.
+fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let map = crate::mmap::map_file(&index)?;
+        let v: serde_json::Value = serde_json::from_slice(&map)
+            .map_err(|e| ModelError::corrupt(&index, format!("not JSON: {e}")))?;
+        let files: BTreeSet<String> = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::corrupt(&index, "no weight_map object"))?
+            .values()
+            .map(|f| f.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or_else(|| ModelError::corrupt(&index, "weight_map values must be file names"))?;
+        return files
+            .into_iter()
+            .map(|f| {
+                // Shard names are plain file names; refuse paths that would leave the dir.
+                if f.contains('/') || f.contains('\\') || f == ".." {
+                    Err(ModelError::corrupt(&index, format!("shard name {f:?}")))
+                } else {
+                    Ok(dir.join(f))
+                }
+            })
+            .collect();
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| ModelError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    found.sort();
+    if found.is_empty() {
+        return Err(ModelError::MissingFile { path: single });
+    }
+    Ok(found)
+}
+
+struct Shards {
+    files: Vec<(PathBuf, MmapedSafetensors, HashMap<String, StEntry>)>,
+    route: HashMap<String, usize>,
+    dir: PathBuf,
+    device: Device,
+}
+
+impl Shards {
+    fn open(dir: &Path, device: &Device) -> Result<Shards> {
+        let mut files = Vec::new();
+        let mut route = HashMap::new();
+        for path in shard_paths(dir)? {
+            let entries = check_shard(&path)?;
+            let st = crate::mmap::map_safetensors(&path)
+                .map_err(|e| ModelError::corrupt(&path, format!("safetensors: {e}")))?;
+            for name in entries.keys() {
+                route.insert(name.clone(), files.len());
+            }
+            files.push((path, st, entries));
+        }
+        Ok(Shards {
+            files,
+            route,
+            dir: dir.into(),
+            device: device.clone(),
+        })
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.route.contains_key(name)
+    }
+
+    /// A float tensor as f32, after checking its type and shape.
+    fn get(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
+        let &i = self
+            .route
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: self.dir.clone(),
+                tensor: name.into(),
+            })?;
+        let (path, st, entries) = &self.files[i];
+        let entry = &entries[name];
+        let dtype = match entry.dtype.as_str() {
+            "F32" => DType::F32,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            other => {
+                return Err(ModelError::UnsupportedTensorType {
+                    path: path.clone(),
+                    tensor: name.into(),
+                    dtype: other.into(),
+                })
+            }
+        };
+        if entry.shape != expected {
+            return Err(ModelError::ShapeMismatch {
+                path: path.clone(),
+                tensor: name.into(),
+                expected: expected.to_vec(),
+                found: entry.shape.clone(),
+            });
+        }
+        let view = st
+            .get(name)
+            .map_err(|e| ModelError::corrupt(path, format!("tensor {name}: {e}")))?;
+        if view.data().len() != expected.iter().product::<usize>() * dtype.size_in_bytes() {
+            return Err(ModelError::corrupt(
+                path,
+                format!(
+                    "tensor {name}: {} data bytes for shape {expected:?}",
+                    view.data().len()
+                ),
+            ));
+        }
+        to_f32(Tensor::from_raw_buffer(
+            view.data(),
+            dtype,
+            expected,
+            &self.device,
+        )?)
+    }
+
+    fn weight_type(&self, name: &str) -> String {
+        self.route
+            .get(name)
+            .map(|&i| self.files[i].2[name].dtype.to_lowercase())
+            .unwrap_or_default()
+    }
+}
+
+/// Loads a Hugging Face Llama-family directory onto `device`.
+pub(crate) fn load(
+    dir: &Path,
+    device: &Device,
+) -> Result<(ModelConfig, Weights, crate::Tokenizer)> {
+    if !dir.is_dir() {
+        return Err(ModelError::MissingFile { path: dir.into() });
+    }
+    let config_path = dir.join("config.json");
+    let map = crate::mmap::map_file(&config_path)?;
+    let hf: HfConfig = serde_json::from_slice(&map)
+        .map_err(|e| ModelError::corrupt(&config_path, format!("config.json: {e}")))?;
+    let mut config = config(&config_path, &hf)?;
+    let tokenizer = crate::Tokenizer::from_hf_file(
+        dir.join("tokenizer.json"),
+        first_id(&hf.bos_token_id),
+        first_id(&hf.eos_token_id),
+    )?;
+    let sh = Shards::open(dir, device)?;
+    let c = &config;
+    let (dim, hd) = (c.dim, c.head_dim);
+    let (qd, kvd) = (c.n_heads * hd, c.n_kv_heads * hd);
+    let embed = sh.get("model.embed_tokens.weight", &[c.vocab_size, dim])?;
+    let mut layers = Vec::with_capacity(c.n_layers);
+    for i in 0..c.n_layers {
+        let name = |s: &str| format!("model.layers.{i}.{s}.weight");
+        let lin = |s: &str, rows: usize, cols: usize| -> Result<RawLinear<'static>> {
+            Ok(RawLinear::Dense(sh.get(&name(s), &[rows, cols])?))
+        };
+        let qkv = vec![
+            lin("self_attn.q_proj", qd, dim)?,
+            lin("self_attn.k_proj", kvd, dim)?,
+            lin("self_attn.v_proj", kvd, dim)?,
+        ];
+        let gate_up = vec![
+            lin("mlp.gate_proj", c.ffn_dim, dim)?,
+            lin("mlp.up_proj", c.ffn_dim, dim)?,
+        ];
+        layers.push(Layer {
+            attn_norm: sh.get(&name("input_layernorm"), &[dim])?,
+            qkv: Fused::build(qkv, device)?,
+            wo: lin("self_attn.o_proj", dim, qd)?.into_matmul(device)?,
+            ffn_norm: sh.get(&name("post_attention_layernorm"), &[dim])?,
+            gate_up: Fused::build(gate_up, device)?,
+            down: lin("mlp.down_proj", dim, c.ffn_dim)?.into_matmul(device)?,
+        });
+    }
+    let norm = sh.get("model.norm.weight", &[dim])?;
+    let lm_head = if sh.has("lm_head.weight") {
+        sh.get("lm_head.weight", &[c.vocab_size, dim])?
+    } else if c.tied_embeddings {
+        embed.clone()
+    } else {
+        return Err(ModelError::MissingTensor {
+            path: dir.into(),
+            tensor: "lm_head.weight".into(),
+        });
+    };
+    config.weight_type = sh.weight_type("model.layers.0.self_attn.q_proj.weight");
+    if !sh.has("lm_head.weight") {
+        config.tied_embeddings = true;
+    }
+    if tokenizer.vocab_size() > config.vocab_size {
+        return Err(ModelError::corrupt(
+            dir.join("tokenizer.json"),
+            format!(
+                "tokenizer has {} tokens but the model's vocabulary only {}",
+                tokenizer.vocab_size(),
+                config.vocab_size
+            ),
+        ));
+    }
+    Ok((
+        config,
+        Weights {
+            embed,
+            layers,
+            norm,
+            lm_head: candle_core::quantized::QMatMul::Tensor(lm_head),
+        },
+        tokenizer,
+    ))
+}

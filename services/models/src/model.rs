@@ -1,0 +1,461 @@
+//! Our Llama-family forward pass on candle ops: one batched step over several sequences,
+//! each with its own KV store reached only through the [`KvStore`] trait.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use llmos_kv::{KvShape, KvStore};
+
+use crate::config::{ModelConfig, RopeLayout};
+use crate::error::{ModelError, Result};
+use crate::tokenizer::Tokenizer;
+use crate::weights::{FusedOut, Layer, Weights};
+
+/// One sequence's part of a batched forward step.
+pub struct SeqStep<'a> {
+    /// The new tokens (at least one): a prompt chunk, or the last sampled token.
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]`; `kv` must hold positions `0..start_pos` already.
+    pub start_pos: usize,
+    /// This sequence's keys and values; positions `start_pos..start_pos + tokens.len()`
+    /// are written and committed by the step.
+    pub kv: &'a mut dyn KvStore,
+}
+
+impl std::fmt::Debug for SeqStep<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeqStep")
+            .field("tokens", &self.tokens.len())
+            .field("start_pos", &self.start_pos)
+            .field("kv_len", &self.kv.len())
+            .finish()
+    }
+}
+
+/// A loaded model: read-only weights on one device. Share it with `Arc`; `forward` takes
+/// `&self`, all per-sequence state lives in the callers' KV stores.
+pub struct Model {
+    config: ModelConfig,
+    weights: Weights,
+    device: Device,
+    /// `[max_seq_len, head_dim / 2]` rotary tables.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A model and its tokenizer as loaded from one source.
+#[derive(Clone, Debug)]
+pub struct LoadedModel {
+    /// The weights and forward.
+    pub model: Arc<Model>,
+    /// The matching tokenizer.
+    pub tokenizer: Arc<Tokenizer>,
+}
+
+/// Loads a GGUF file (llama architecture) and the tokenizer in its metadata.
+pub fn load_gguf(path: impl AsRef<Path>, device: &Device) -> Result<LoadedModel> {
+    let path = path.as_ref();
+    guarded(path, || crate::gguf::load(path, device)).and_then(|l| assemble(l, device))
+}
+
+/// Loads a Hugging Face Llama-family directory (config.json, *.safetensors, tokenizer.json).
+pub fn load_hf_dir(dir: impl AsRef<Path>, device: &Device) -> Result<LoadedModel> {
+    let dir = dir.as_ref();
+    guarded(dir, || crate::hf::load(dir, device)).and_then(|l| assemble(l, device))
+}
+
+/// Loads a directory as a Hugging Face checkpoint and anything else as GGUF.
+pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<LoadedModel> {
+    let path = path.as_ref();
+    if path.is_dir() {
+        load_hf_dir(path, device)
+    } else {
+        load_gguf(path, device)
+    }
+}
+
+/// Runs a loader so that a panic deep in a dependency on a malformed file is an error,
+/// never a crash of the loading actor's thread.
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(ModelError::corrupt(
+            path,
+            format!("loader panicked: {what}"),
+        ))
+    })
+}
+
+fn assemble(
+    (config, weights, tokenizer): (ModelConfig, Weights, Tokenizer),
+    device: &Device,
+) -> Result<LoadedModel> {
+    let model = Model::new(config, weights, device)?;
+    tracing::info!(
+        target: "llmos::models",
+        source = %tokenizer.source().display(),
+        arch = %model.config.architecture,
+        layers = model.config.n_layers,
+        dim = model.config.dim,
+        weights = %model.config.weight_type,
+        "model loaded"
+    );
+    Ok(LoadedModel {
+        model: Arc::new(model),
+        tokenizer: Arc::new(tokenizer),
+    })
+}
+
+/// Per-forward data of one sequence.
+struct SeqPlan {
+    offset: usize,
+    n: usize,
+    start: usize,
+    /// `[n * group, start + n]` additive causal mask; `None` for a single new token.
+    mask: Option<Tensor>,
+}
+
+impl Model {
+    fn new(config: ModelConfig, weights: Weights, device: &Device) -> Result<Model> {
+        let half = config.head_dim / 2;
+        // Same arithmetic as the reference implementations (f32 frequencies, f32 angle =
+        // position × frequency) so that results agree to the last bits where they can.
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| {
+                1f32 / config
+                    .rope_theta
+                    .powf((2 * i) as f32 / config.head_dim as f32)
+            })
+            .collect();
+        let mut cos = Vec::with_capacity(config.max_seq_len * half);
+        let mut sin = Vec::with_capacity(config.max_seq_len * half);
+        for p in 0..config.max_seq_len {
+            for &f in &freqs {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let shape = (config.max_seq_len, half);
+        Ok(Model {
+            cos: Tensor::from_vec(cos, shape, device)?,
+            sin: Tensor::from_vec(sin, shape, device)?,
+            config,
+            weights,
+            device: device.clone(),
+        })
+    }
+
+    /// Hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The KV shape each sequence's store must have.
+    pub fn kv_shape(&self) -> KvShape {
+        self.config.kv_shape()
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// One forward step over a batch of sequences. Returns, for each sequence, the f32
+    /// logits `[vocab]` of its last new position. Each sequence's KV store gets its new
+    /// positions written and committed; on error nothing is committed (positions past
+    /// `kv.len()` may hold partial writes, which the next step overwrites).
+    ///
+    /// All sequences' new tokens go through the embedding, norms, projections and
+    /// feed-forward as one `[T, dim]` matrix; only rotary positions and attention are
+    /// per sequence.
+    pub fn forward(&self, batch: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
+        let c = &self.config;
+        let plans = self.plan(batch)?;
+        let total: usize = plans.iter().map(|p| p.n).sum();
+        let dev = &self.device;
+
+        let mut ids = Vec::with_capacity(total);
+        for s in batch.iter() {
+            ids.extend_from_slice(s.tokens);
+        }
+        let ids = Tensor::from_vec(ids, total, dev)?;
+        let mut x = self.weights.embed.index_select(&ids, 0)?;
+
+        let (cos, sin) = self.rotary(&plans)?;
+        for (s, p) in batch.iter_mut().zip(&plans) {
+            s.kv.reserve(p.start + p.n)?;
+        }
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        for (l, layer) in self.weights.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
+            let (q, k, v) = self.qkv(layer, &h, &cos, &sin, scale)?;
+            let attn = if batch.len() == 1 {
+                self.attend(l, &mut *batch[0].kv, &plans[0], &q, &k, &v)?
+            } else {
+                let mut outs = Vec::with_capacity(batch.len());
+                for (s, p) in batch.iter_mut().zip(&plans) {
+                    let q = q.narrow(0, p.offset, p.n)?;
+                    let k = k.narrow(0, p.offset, p.n)?;
+                    let v = v.narrow(0, p.offset, p.n)?;
+                    outs.push(self.attend(l, s.kv, p, &q, &k, &v)?);
+                }
+                Tensor::cat(&outs, 0)?
+            };
+            x = (x + layer.wo.forward(&attn)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
+            x = (x + self.ffn(layer, &h)?)?;
+        }
+        for (s, p) in batch.iter_mut().zip(&plans) {
+            s.kv.commit(p.start + p.n)?;
+        }
+
+        let last = if plans.len() == 1 {
+            let p = &plans[0];
+            if p.n == 1 {
+                x
+            } else {
+                x.narrow(0, p.n - 1, 1)?
+            }
+        } else {
+            let rows: Vec<u32> = plans.iter().map(|p| (p.offset + p.n - 1) as u32).collect();
+            let n = rows.len();
+            x.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?
+        };
+        let h = candle_nn::ops::rms_norm(&last, &self.weights.norm, c.rms_eps)?;
+        let logits = self.weights.lm_head.forward(&h)?;
+        let logits = if logits.dtype() == DType::F32 {
+            logits
+        } else {
+            logits.to_dtype(DType::F32)?
+        };
+        (0..plans.len()).map(|i| Ok(logits.get(i)?)).collect()
+    }
+
+    /// Validates the batch and lays out where each sequence's rows are.
+    fn plan(&self, batch: &[SeqStep<'_>]) -> Result<Vec<SeqPlan>> {
+        let c = &self.config;
+        if batch.is_empty() {
+            return Err(ModelError::InvalidInput("empty batch".into()));
+        }
+        let group = c.n_heads / c.n_kv_heads;
+        let mut offset = 0;
+        let mut plans = Vec::with_capacity(batch.len());
+        for (i, s) in batch.iter().enumerate() {
+            let n = s.tokens.len();
+            let bad = |what: String| Err(ModelError::InvalidInput(format!("sequence {i}: {what}")));
+            if n == 0 {
+                return bad("no tokens".into());
+            }
+            if let Some(t) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return bad(format!(
+                    "token id {t} outside vocabulary of {}",
+                    c.vocab_size
+                ));
+            }
+            if s.kv.shape() != c.kv_shape() {
+                return bad(format!(
+                    "KV store shape {:?}, model needs {:?}",
+                    s.kv.shape(),
+                    c.kv_shape()
+                ));
+            }
+            if s.start_pos > s.kv.len() {
+                return bad(format!(
+                    "start position {} leaves a gap after {} cached positions",
+                    s.start_pos,
+                    s.kv.len()
+                ));
+            }
+            if s.start_pos + n > c.max_seq_len {
+                return bad(format!(
+                    "positions up to {} exceed the context of {}",
+                    s.start_pos + n,
+                    c.max_seq_len
+                ));
+            }
+            let mask = if n == 1 {
+                None
+            } else {
+                let len = s.start_pos + n;
+                let mut m = vec![0f32; n * group * len];
+                for t in 0..n {
+                    for g in 0..group {
+                        let row = &mut m[(t * group + g) * len..][..len];
+                        row[s.start_pos + t + 1..].fill(f32::NEG_INFINITY);
+                    }
+                }
+                Some(Tensor::from_vec(m, (n * group, len), &self.device)?)
+            };
+            plans.push(SeqPlan {
+                offset,
+                n,
+                start: s.start_pos,
+                mask,
+            });
+            offset += n;
+        }
+        Ok(plans)
+    }
+
+    /// Rotary tables for every new row, shaped `[T, 1, head_dim/2]` to rotate a
+    /// `[T, heads, 1, head_dim]` tensor in one kernel call (per-row positions).
+    fn rotary(&self, plans: &[SeqPlan]) -> Result<(Tensor, Tensor)> {
+        let half = self.config.head_dim / 2;
+        let total: usize = plans.iter().map(|p| p.n).sum();
+        let (cos, sin) = if let [p] = plans {
+            // One sequence: its positions are one range, a view of the tables.
+            (
+                self.cos.narrow(0, p.start, p.n)?,
+                self.sin.narrow(0, p.start, p.n)?,
+            )
+        } else {
+            let pos: Vec<u32> = plans
+                .iter()
+                .flat_map(|p| (p.start..p.start + p.n).map(|x| x as u32))
+                .collect();
+            let pos = Tensor::from_vec(pos, total, &self.device)?;
+            (
+                self.cos.index_select(&pos, 0)?,
+                self.sin.index_select(&pos, 0)?,
+            )
+        };
+        Ok((
+            cos.reshape((total, 1, half))?,
+            sin.reshape((total, 1, half))?,
+        ))
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        Ok(match self.config.rope_layout {
+            RopeLayout::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
+            RopeLayout::HalfSplit => candle_nn::rotary_emb::rope(x, cos, sin)?,
+        })
+    }
+
+    /// Projections and rotary embedding for all rows: q `[T, H, hd]` (already scaled by
+    /// 1/√hd), k and v `[T, Hkv, hd]`.
+    fn qkv(
+        &self,
+        layer: &Layer,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.config;
+        let t = h.dim(0)?;
+        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        match layer.qkv.forward(h)? {
+            FusedOut::One(qkv) => {
+                // q and k share positions: rotate them together, one kernel call.
+                let qk = qkv.narrow(1, 0, (nh + nkv) * hd)?.contiguous()?.reshape((
+                    t,
+                    nh + nkv,
+                    1,
+                    hd,
+                ))?;
+                let qk = self.rope(&qk, cos, sin)?;
+                let q = qk
+                    .narrow(1, 0, nh)?
+                    .affine(scale, 0.0)?
+                    .reshape((t, nh, hd))?;
+                let k = qk.narrow(1, nh, nkv)?.squeeze(2)?;
+                let v = qkv
+                    .narrow(1, (nh + nkv) * hd, nkv * hd)?
+                    .reshape((t, nkv, hd))?;
+                Ok((q, k, v))
+            }
+            FusedOut::Many(parts) => {
+                let [q, k, v] = <[Tensor; 3]>::try_from(parts).map_err(|_| {
+                    ModelError::InvalidInput("q/k/v split into other than 3".into())
+                })?;
+                let q = self.rope(&q.reshape((t, nh, 1, hd))?, cos, sin)?;
+                let q = q.affine(scale, 0.0)?.reshape((t, nh, hd))?;
+                let k = self
+                    .rope(&k.reshape((t, nkv, 1, hd))?, cos, sin)?
+                    .squeeze(2)?;
+                Ok((q, k, v.reshape((t, nkv, hd))?))
+            }
+        }
+    }
+
+    /// Attention of one sequence: stores its new k/v, reads back the whole cache and
+    /// returns `[n, H * hd]`.
+    fn attend(
+        &self,
+        layer: usize,
+        kv: &mut dyn KvStore,
+        p: &SeqPlan,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        let group = nh / nkv;
+        let n = p.n;
+        kv.write(layer, p.start, k, v)?;
+        let (kc, vc) = kv.read(layer, p.start + n, &self.device)?;
+        // [len, Hkv, hd] → per-kv-head views [Hkv, len, hd]. The CPU matmul takes any
+        // strides, so no copy there; other backends want standard layouts.
+        let (mut kt, mut vt) = (kc.transpose(0, 1)?, vc.transpose(0, 1)?);
+        if !self.device.is_cpu() {
+            kt = kt.contiguous()?;
+            vt = vt.contiguous()?;
+        }
+        // Rows of one kv head: (t, g) pairs, so grouped query heads share one matmul.
+        let q = if n == 1 {
+            q.reshape((nkv, group, hd))?
+        } else {
+            q.reshape((n, nkv, group, hd))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((nkv, n * group, hd))?
+        };
+        let scores = q.matmul(&kt.t()?)?;
+        let scores = match &p.mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&vt)?;
+        Ok(if n == 1 {
+            out.reshape((1, nh * hd))?
+        } else {
+            out.reshape((nkv, n, group, hd))?
+                .transpose(0, 1)?
+                .reshape((n, nh * hd))?
+        })
+    }
+
+    fn ffn(&self, layer: &Layer, h: &Tensor) -> Result<Tensor> {
+        let f = self.config.ffn_dim;
+        let act = match layer.gate_up.forward(h)? {
+            FusedOut::One(gu) => {
+                (gu.narrow(D::Minus1, 0, f)?.silu()? * gu.narrow(D::Minus1, f, f)?)?
+            }
+            FusedOut::Many(parts) => {
+                let [g, u] = <[Tensor; 2]>::try_from(parts).map_err(|_| {
+                    ModelError::InvalidInput("gate/up split into other than 2".into())
+                })?;
+                (g.silu()? * u)?
+            }
+        };
+        Ok(layer.down.forward(&act)?)
+    }
+}

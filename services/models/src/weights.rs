@@ -1,0 +1,173 @@
+//! In-memory weights of a Llama-family model, independent of the file format, and the
+//! fusion of projections that share an input (q/k/v, gate/up) into one matmul.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::error::Result;
+
+/// One projection weight `[out, in]` as loaded, before fusion.
+pub(crate) enum RawLinear<'a> {
+    /// A float matrix (already f32 on the target device).
+    Dense(Tensor),
+    /// A GGML block-quantized matrix: its raw blocks (borrowed from the file's map),
+    /// row-major, `rows × cols`.
+    Quant {
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        bytes: Cow<'a, [u8]>,
+    },
+}
+
+impl RawLinear<'_> {
+    /// The matmul for this weight alone.
+    pub(crate) fn into_matmul(self, device: &Device) -> Result<QMatMul> {
+        match self {
+            RawLinear::Dense(t) => Ok(QMatMul::Tensor(t)),
+            RawLinear::Quant {
+                dtype,
+                rows,
+                cols,
+                bytes,
+            } => Ok(QMatMul::from_arc(Arc::new(qtensor(
+                dtype, rows, cols, bytes, device,
+            )?))?),
+        }
+    }
+}
+
+/// True when `bytes` may be handed to candle as blocks of `dtype` without tripping its
+/// alignment assertion (a panic, not an error, inside candle).
+pub(crate) fn aligned_for(dtype: GgmlDType, bytes: &[u8]) -> bool {
+    let align = match dtype {
+        GgmlDType::F32 | GgmlDType::Q8K => 4,
+        _ => 2,
+    };
+    (bytes.as_ptr() as usize) % align == 0
+}
+
+/// A `QTensor` of shape `[rows, cols]` from raw GGML blocks.
+/// The caller checks [`aligned_for`] first.
+pub(crate) fn qtensor(
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+    bytes: Cow<'_, [u8]>,
+    device: &Device,
+) -> Result<QTensor> {
+    let storage = QStorage::from_data(bytes, device, dtype)?;
+    Ok(QTensor::new(storage, (rows, cols))?)
+}
+
+/// Several projections of the same input, computed as one matmul when they can be fused
+/// (one weight read, one kernel launch) and split again by column ranges afterwards.
+#[derive(Clone, Debug)]
+pub(crate) enum Fused {
+    /// One matmul; its output columns are the parts' outputs, in order.
+    One(QMatMul),
+    /// Separate matmuls (the parts have different storage types).
+    Many(Vec<QMatMul>),
+}
+
+impl Fused {
+    /// Fuses `parts` when they are all float or all the same GGML type.
+    pub(crate) fn build(parts: Vec<RawLinear>, device: &Device) -> Result<Fused> {
+        let all_dense = parts.iter().all(|p| matches!(p, RawLinear::Dense(_)));
+        let first_q = match parts.first() {
+            Some(RawLinear::Quant { dtype, cols, .. }) => Some((*dtype, *cols)),
+            _ => None,
+        };
+        let same_quant = first_q.is_some_and(|(d0, c0)| {
+            parts.iter().all(|p| {
+                matches!(p, RawLinear::Quant { dtype, cols, .. } if *dtype == d0 && *cols == c0)
+            })
+        });
+        if all_dense {
+            let ts: Vec<Tensor> = parts
+                .into_iter()
+                .map(|p| match p {
+                    RawLinear::Dense(t) => t,
+                    RawLinear::Quant { .. } => unreachable!("checked all dense"),
+                })
+                .collect();
+            return Ok(Fused::One(QMatMul::Tensor(Tensor::cat(&ts, 0)?)));
+        }
+        if let (true, Some((dtype, cols))) = (same_quant, first_q) {
+            // GGML blocks never straddle rows, so stacking rows is concatenating bytes.
+            let mut rows = 0;
+            let mut bytes = Vec::new();
+            for p in &parts {
+                if let RawLinear::Quant {
+                    rows: r, bytes: b, ..
+                } = p
+                {
+                    rows += r;
+                    bytes.extend_from_slice(b);
+                }
+            }
+            if aligned_for(dtype, &bytes) {
+                let q = qtensor(dtype, rows, cols, Cow::Owned(bytes), device)?;
+                return Ok(Fused::One(QMatMul::from_arc(Arc::new(q))?));
+            }
+        }
+        let mats = parts
+            .into_iter()
+            .map(|p| p.into_matmul(device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Fused::Many(mats))
+    }
+
+    /// `[T, sum of parts' out]` when fused; the caller narrows. `Many` returns each part.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<FusedOut> {
+        Ok(match self {
+            Fused::One(m) => FusedOut::One(m.forward(x)?),
+            Fused::Many(ms) => FusedOut::Many(
+                ms.iter()
+                    .map(|m| m.forward(x))
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            ),
+        })
+    }
+}
+
+/// Output of a [`Fused`] projection.
+pub(crate) enum FusedOut {
+    One(Tensor),
+    Many(Vec<Tensor>),
+}
+
+/// One transformer block.
+#[derive(Clone, Debug)]
+pub(crate) struct Layer {
+    pub attn_norm: Tensor,
+    /// q, k, v (rows in that order when fused).
+    pub qkv: Fused,
+    pub wo: QMatMul,
+    pub ffn_norm: Tensor,
+    /// gate (w1), up (w3).
+    pub gate_up: Fused,
+    pub down: QMatMul,
+}
+
+/// All weights of a model.
+#[derive(Clone, Debug)]
+pub(crate) struct Weights {
+    /// `[vocab, dim]` f32.
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    pub lm_head: QMatMul,
+}
+
+/// A float tensor as f32 on `device` (norm weights and embeddings are computed in f32).
+pub(crate) fn to_f32(t: Tensor) -> Result<Tensor> {
+    Ok(if t.dtype() == DType::F32 {
+        t
+    } else {
+        t.to_dtype(DType::F32)?
+    })
+}
