@@ -3,8 +3,8 @@
 //! request from a state directory after a crash.
 //!
 //! How a rerun resumes: `llmos run --state-dir DIR` records the model and devices in
-//! `DIR/run.json`; every token is journaled before it is printed, and after printing the
-//! journal records the delivery cursor. `llmos resume --state-dir DIR` continues every
+//! `DIR/run.json`; every token is journaled before it is printed, and so is the delivery
+//! cursor (right before the text is written). `llmos resume --state-dir DIR` continues every
 //! unfinished request after the last token printed, so the two outputs joined equal an
 //! uninterrupted run.
 
@@ -82,6 +82,9 @@ pub struct RunArgs {
     /// temporary directory is used and removed at exit.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// KV-cache memory per device, MiB (the pool file in the state directory).
+    #[arg(long, default_value_t = 256)]
+    kv_budget_mb: usize,
 }
 
 /// `llmos resume`.
@@ -102,6 +105,12 @@ pub struct ResumeArgs {
 struct RunRecord {
     model: PathBuf,
     devices: String,
+    #[serde(default = "default_kv_budget_mb")]
+    kv_budget_mb: usize,
+}
+
+fn default_kv_budget_mb() -> usize {
+    256
 }
 
 const RUN_RECORD: &str = "run.json";
@@ -129,12 +138,13 @@ pub async fn run(args: RunArgs) -> Result<(), GenerateError> {
             temporary.path().to_path_buf()
         }
     };
-    let config = config(&args.model, &args.devices, &state_dir)?;
+    let config = config(&args.model, &args.devices, &state_dir, args.kv_budget_mb)?;
     write_record(
         &state_dir,
         &RunRecord {
             model: absolute(&args.model),
             devices: args.devices.clone(),
+            kv_budget_mb: args.kv_budget_mb,
         },
     )?;
     let runtime = Runtime::boot(config).await?;
@@ -157,7 +167,13 @@ pub async fn resume(args: ResumeArgs) -> Result<(), GenerateError> {
     })?;
     let model = args.model.unwrap_or(record.model);
     let devices = args.devices.unwrap_or(record.devices);
-    let runtime = Runtime::boot(config(&model, &devices, &args.state_dir)?).await?;
+    let runtime = Runtime::boot(config(
+        &model,
+        &devices,
+        &args.state_dir,
+        record.kv_budget_mb,
+    )?)
+    .await?;
     let mut outcome = Ok(());
     match runtime.resume_unfinished().await {
         Ok(streams) => {
@@ -174,9 +190,15 @@ pub async fn resume(args: ResumeArgs) -> Result<(), GenerateError> {
     outcome
 }
 
-fn config(model: &Path, devices: &str, state_dir: &Path) -> Result<RuntimeConfig, GenerateError> {
+fn config(
+    model: &Path,
+    devices: &str,
+    state_dir: &Path,
+    kv_budget_mb: usize,
+) -> Result<RuntimeConfig, GenerateError> {
     let mut config = RuntimeConfig::new(model, state_dir);
     config.devices = parse_device_list(devices)?;
+    config.kv_budget_bytes = kv_budget_mb.saturating_mul(1 << 20);
     Ok(config)
 }
 
@@ -200,16 +222,20 @@ fn write_record(dir: &Path, record: &RunRecord) -> Result<(), GenerateError> {
     })
 }
 
-/// Prints each token's text as it arrives; after it is flushed, records the delivery so a
-/// resume does not print it again.
+/// Prints each token's text as it arrives. The delivery cursor is journaled just before
+/// the text is written: whatever a reader of stdout has seen is then always recorded, so
+/// a resume never repeats it. (A pipe and a file cannot be written atomically together:
+/// a SIGKILL in the microseconds between the record and the write would drop that one
+/// token's text from the joined output; recording after the write would repeat it instead,
+/// and its window would open exactly when a reader wakes up on the new bytes.)
 async fn print_stream(runtime: &Runtime, mut stream: RequestStream) -> Result<(), GenerateError> {
     let mut stdout = std::io::stdout();
     while let Some(event) = stream.events.recv().await {
         match event {
             StreamEvent::Token { index, text, .. } => {
+                runtime.record_delivered(stream.id, index + 1)?;
                 stdout.write_all(text.as_bytes())?;
                 stdout.flush()?;
-                runtime.record_delivered(stream.id, index + 1)?;
             }
             StreamEvent::Finished { .. } => {
                 stdout.write_all(b"\n")?;

@@ -30,6 +30,8 @@ fn generation_args(temperature: &str) -> Vec<String> {
         "80",
         "--seed",
         "7",
+        "--kv-budget-mb",
+        "4",
         &format!("--temperature={temperature}"),
     ]
     .iter()
@@ -47,9 +49,39 @@ fn stdout_of(command: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// How the resumed engine got the sequence's KV, from its log line.
+fn attach_counts(stderr: &str) -> (usize, usize) {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("sequence attached"))
+        .unwrap_or_else(|| panic!("no attach logged: {stderr}"));
+    let field = |name: &str| -> usize {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+    };
+    (field("restored"), field("recomputed"))
+}
+
+/// Flips bytes all over the K/V data of every pool file in `dir`.
+fn corrupt_pools(dir: &std::path::Path) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "pool") {
+            let mut bytes = std::fs::read(&path).unwrap();
+            let len = bytes.len();
+            for offset in (4096..len).step_by(509) {
+                bytes[offset] ^= 0x5a;
+            }
+            std::fs::write(&path, bytes).unwrap();
+        }
+    }
+}
+
 #[test]
 fn a_killed_run_resumes_from_its_state_directory_with_identical_text() {
-    for temperature in ["0", "0.8"] {
+    for (temperature, corrupt) in [("0", false), ("0.8", false), ("0.8", true)] {
         let uninterrupted = stdout_of(llmos().args(generation_args(temperature)));
         assert!(uninterrupted.len() > 100, "{uninterrupted:?}");
 
@@ -88,12 +120,29 @@ fn a_killed_run_resumes_from_its_state_directory_with_identical_text() {
             "killed too late: {first:?}"
         );
 
-        let rest = stdout_of(llmos().args(["resume", "--state-dir"]).arg(dir.path()));
+        if corrupt {
+            corrupt_pools(dir.path());
+        }
+        let resumed = llmos()
+            .args(["resume", "--state-dir"])
+            .arg(dir.path())
+            .env("RUST_LOG", "warn,llmos::engine=info")
+            .output()
+            .unwrap();
+        assert!(resumed.status.success());
+        let rest = String::from_utf8(resumed.stdout).unwrap();
         assert_eq!(
             format!("{first}{rest}"),
             uninterrupted,
-            "temperature {temperature}: first part {first:?}, resumed {rest:?}"
+            "temperature {temperature}, corrupt pool {corrupt}: first part {first:?}, resumed {rest:?}"
         );
+        // KV is restored from the pool when it validates, recomputed when it does not.
+        let (restored, recomputed) = attach_counts(&String::from_utf8_lossy(&resumed.stderr));
+        if corrupt {
+            assert!(recomputed > 0, "a corrupt pool must be recomputed");
+        } else {
+            assert!(restored > 0, "the pool's KV was not reused");
+        }
         // Resuming a finished run prints nothing more.
         assert_eq!(
             stdout_of(llmos().args(["resume", "--state-dir"]).arg(dir.path())),

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -282,6 +283,7 @@ impl EngineThread {
             )));
         }
         let wanted = tokens.len() - 1;
+        let mut from_pool = false;
         let mut sequence = match self.sequences.remove(&seq) {
             // Still held from before the task restarted: keep the agreeing prefix.
             Some(held) => {
@@ -294,6 +296,10 @@ impl EngineThread {
                 let mut kv = held.kv;
                 let keep = kv.len().min(agree).min(wanted);
                 kv.truncate(keep);
+                self.runtime
+                    .kv_stats
+                    .kept
+                    .fetch_add(keep as u64, Ordering::Relaxed);
                 Sequence {
                     kv,
                     tokens: tokens[..keep].to_vec(),
@@ -306,6 +312,7 @@ impl EngineThread {
                     .pool
                     .restore(seq, &tokens[..wanted])
                     .map_err(InferenceError::from)?;
+                from_pool = true;
                 Sequence {
                     tokens: tokens[..valid].to_vec(),
                     kv,
@@ -318,7 +325,27 @@ impl EngineThread {
             sequence.kv.truncate(0);
             sequence.tokens.clear();
         }
+        if from_pool {
+            self.runtime
+                .kv_stats
+                .restored
+                .fetch_add(sequence.tokens.len() as u64, Ordering::Relaxed);
+        }
         // Replay up to (not including) the last token with the original chunking.
+        let recompute = wanted - sequence.tokens.len();
+        tracing::info!(
+            target: "llmos::engine",
+            seq,
+            device = %self.runtime.device.id(),
+            positions = wanted,
+            restored = if from_pool { sequence.tokens.len() } else { 0 },
+            recomputed = recompute,
+            "sequence attached"
+        );
+        self.runtime
+            .kv_stats
+            .recomputed
+            .fetch_add(recompute as u64, Ordering::Relaxed);
         while sequence.tokens.len() < wanted {
             let start = sequence.tokens.len();
             let end = if start < prompt_len {

@@ -23,6 +23,6 @@ pub use models_actor::ModelsMsg;
 pub use runtime::{PoolMsg, RequestStream, Runtime};
 pub use sampler::{sample, SamplerRng, SamplingParams};
 pub use scheduler::{engine_path, SCHEDULER_PATH};
-pub use services::{LoadedModel, Services};
+pub use services::{DeviceRuntime, KvSourceStats, LoadedModel, Services};
 pub use sink::{FinishReason, StreamEvent};
 pub use task::{REQUESTS_PATH, TASK_STEP_POINT};

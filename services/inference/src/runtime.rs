@@ -66,7 +66,11 @@ impl Runtime {
         for id in &config.devices {
             let device = LogicalDevice::open(*id)?;
             let pool = DevicePool::open(&config, shape, *id, &model.name)?;
-            devices.push(DeviceRuntime { device, pool });
+            devices.push(DeviceRuntime {
+                device,
+                pool,
+                kv_stats: Arc::default(),
+            });
         }
         let services = Arc::new(Services::new(config, devices));
         services.set_model(model);

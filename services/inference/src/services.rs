@@ -38,6 +38,31 @@ pub struct DeviceRuntime {
     pub device: LogicalDevice,
     /// Its KV block pool (outlives engine restarts).
     pub pool: DevicePool,
+    /// How attached sequences got their KV on this device.
+    pub kv_stats: Arc<KvSourceStats>,
+}
+
+/// Where the KV of (re)attached sequences came from, in positions: kept by the engine,
+/// restored from the pool after validation, or recomputed from the journaled tokens.
+#[derive(Debug, Default)]
+pub struct KvSourceStats {
+    /// Positions an engine still held (task restart).
+    pub kept: AtomicU64,
+    /// Positions restored from the pool (engine restart, new process).
+    pub restored: AtomicU64,
+    /// Positions recomputed (nothing valid to restore, another device).
+    pub recomputed: AtomicU64,
+}
+
+impl KvSourceStats {
+    /// `(kept, restored, recomputed)`.
+    pub fn snapshot(&self) -> (u64, u64, u64) {
+        (
+            self.kept.load(Ordering::Relaxed),
+            self.restored.load(Ordering::Relaxed),
+            self.recomputed.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// Everything the inference actors share.

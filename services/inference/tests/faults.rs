@@ -17,10 +17,20 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const PROMPT: &str = "Once upon a time";
 const TOKENS: usize = 40;
 
+/// Where resumed KV should come from.
+#[derive(Clone, Copy, Debug)]
+enum KvSource {
+    /// Still held by the engine (the task restarted).
+    Kept,
+    /// Restored from the block pool after validation (the engine restarted).
+    Restored,
+}
+
 /// How to tell that the injected fault really happened.
 enum Evidence {
-    /// A kernel event about a path containing this text.
-    Failure(&'static str),
+    /// A kernel event about a failure of a path containing this text, and the KV on `cpu:0` came back this way (kept, restored) at least
+    /// once when the fault was after the prompt.
+    Failure(&'static str, KvSource),
     /// A missed heartbeat.
     Hang,
     /// Device `cpu:0` ends up lost.
@@ -51,12 +61,21 @@ async fn run(
     }
     let seen: Vec<KernelEvent> = std::iter::from_fn(|| events.try_next()).collect();
     match evidence {
-        Some(Evidence::Failure(path)) => assert!(
-            seen.iter().any(
-                |e| matches!(e, KernelEvent::Failed { path: p, .. } if p.as_str().contains(path))
-            ),
-            "{spec:?}: no failure of {path} seen: {seen:?}"
-        ),
+        Some(Evidence::Failure(path, source)) => {
+            assert!(
+                seen.iter().any(|e| matches!(e, KernelEvent::Failed { path: p, .. } if p.as_str().contains(path))),
+                "{spec:?}: no failure of {path} seen"
+            );
+            let (kept, restored, _) = runtime.services().devices[0].kv_stats.snapshot();
+            let after_prompt = !spec.is_some_and(|s| s.contains("=0*"));
+            match source {
+                KvSource::Kept if after_prompt => assert!(kept > 0, "{spec:?}: KV not kept"),
+                KvSource::Restored if after_prompt => {
+                    assert!(restored > 0, "{spec:?}: KV not restored from the pool")
+                }
+                _ => {}
+            }
+        }
         Some(Evidence::Hang) => assert!(
             seen.iter()
                 .any(|e| matches!(e, KernelEvent::HangDetected { .. })),
@@ -112,7 +131,7 @@ async fn a_crashed_task_resumes_exactly() {
         "panic",
         &[0, 5, 17, 39],
         &[DeviceId::cpu(0)],
-        Evidence::Failure("req-"),
+        Evidence::Failure("req-", KvSource::Kept),
     )
     .await;
 }
@@ -124,7 +143,7 @@ async fn a_crashed_engine_resumes_exactly() {
         "panic",
         &[0, 1, 9, 30],
         &[DeviceId::cpu(0)],
-        Evidence::Failure("engine"),
+        Evidence::Failure("engine", KvSource::Restored),
     )
     .await;
 }
