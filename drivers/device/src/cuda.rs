@@ -8,12 +8,11 @@ use crate::error::DeviceError;
 use crate::id::DeviceId;
 
 pub(crate) fn open(id: DeviceId) -> Result<Device, DeviceError> {
-    let count = cudarc::driver::CudaContext::device_count().map_err(|err| {
-        DeviceError::Unavailable {
+    let count =
+        cudarc::driver::CudaContext::device_count().map_err(|err| DeviceError::Unavailable {
             device: id.to_string(),
             reason: format!("CUDA driver: {err}"),
-        }
-    })?;
+        })?;
     if id.ordinal >= count as usize {
         return Err(DeviceError::Unavailable {
             device: id.to_string(),

@@ -155,7 +155,7 @@ fn injected_loss(id: DeviceId) -> Option<String> {
     let specific = format!("{DEVICE_LOST_POINT}:{id}");
     let hit = [DEVICE_LOST_POINT, specific.as_str()]
         .into_iter()
-        .find_map(|point| fail_eval(point));
+        .find_map(fail_eval);
     hit
 }
 

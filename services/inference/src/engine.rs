@@ -307,11 +307,7 @@ impl EngineThread {
             }
             // Not held by this engine instance: restore what validates from the pool.
             None => {
-                let (kv, valid) = self
-                    .runtime
-                    .pool
-                    .restore(seq, &tokens[..wanted])
-                    .map_err(InferenceError::from)?;
+                let (kv, valid) = self.runtime.pool.restore(seq, &tokens[..wanted])?;
                 from_pool = true;
                 Sequence {
                     tokens: tokens[..valid].to_vec(),

@@ -245,10 +245,10 @@ impl Actor for TaskActor {
             TaskMsg::Reattach { step } if step == state.step => {
                 self.attach(&myself, state).await?;
             }
-            TaskMsg::EngineLost { device } => {
-                if state.device.as_ref().is_some_and(|(d, _)| *d == device) {
-                    self.attach(&myself, state).await?;
-                }
+            TaskMsg::EngineLost { device }
+                if state.device.as_ref().is_some_and(|(d, _)| *d == device) =>
+            {
+                self.attach(&myself, state).await?;
             }
             // Answers to steps this instance abandoned.
             _ => {}

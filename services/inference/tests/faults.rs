@@ -5,14 +5,12 @@
 
 mod common;
 
-use std::sync::Mutex;
-
 use common::*;
 use llmos_device::DeviceId;
 use llmos_inference::Runtime;
 use llmos_kernel::KernelEvent;
 
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const PROMPT: &str = "Once upon a time";
 const TOKENS: usize = 40;
@@ -103,7 +101,7 @@ async fn check_point(
     devices: &[DeviceId],
     evidence: Evidence,
 ) {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     for temperature in [0.0, 0.8] {
         let clean = run(None, temperature, devices, None).await;
         assert_eq!(clean.error, None);
@@ -187,7 +185,7 @@ async fn a_failed_journal_write_is_retried_and_resumes_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_journal_that_keeps_failing_fails_the_request_clearly() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let runtime = Runtime::boot(config(dir.path(), &[DeviceId::cpu(0)]))
         .await
