@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use llmos_device::parse_device_list;
 use llmos_inference::{RequestStream, Runtime, RuntimeConfig, SamplingParams, StreamEvent};
+use llmos_journal::FlushPolicy;
 use serde::{Deserialize, Serialize};
 
 /// Errors of `run` and `resume`.
@@ -85,6 +86,22 @@ pub struct RunArgs {
     /// KV-cache memory per device, MiB (the pool file in the state directory).
     #[arg(long, default_value_t = 256)]
     kv_budget_mb: usize,
+    /// When journal records reach the OS: `every-token` (survives SIGKILL; the default),
+    /// `interval:MS`, or `off` (only at the end).
+    #[arg(long, default_value = "every-token", value_parser = parse_flush)]
+    flush: FlushPolicy,
+}
+
+fn parse_flush(text: &str) -> Result<FlushPolicy, String> {
+    match text {
+        "every-token" => Ok(FlushPolicy::EveryRecord),
+        "off" => Ok(FlushPolicy::Off),
+        _ => text
+            .strip_prefix("interval:")
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .map(FlushPolicy::IntervalMs)
+            .ok_or_else(|| "expected every-token, interval:MS or off".to_string()),
+    }
 }
 
 /// `llmos resume`.
@@ -138,7 +155,8 @@ pub async fn run(args: RunArgs) -> Result<(), GenerateError> {
             temporary.path().to_path_buf()
         }
     };
-    let config = config(&args.model, &args.devices, &state_dir, args.kv_budget_mb)?;
+    let mut config = config(&args.model, &args.devices, &state_dir, args.kv_budget_mb)?;
+    config.flush = args.flush;
     write_record(
         &state_dir,
         &RunRecord {

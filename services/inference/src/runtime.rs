@@ -292,8 +292,13 @@ fn tree(services: &Arc<Services>) -> SupervisorSpec {
             )
         }))
         .child(
-            ChildSpec::supervisor("requests", SupervisorSpec::new(Strategy::Dynamic))
-                .restart(RestartType::Permanent),
+            // Each request limits its own restarts (MAX_TASK_STARTS); this bound only catches
+            // a storm across many requests.
+            ChildSpec::supervisor(
+                "requests",
+                SupervisorSpec::new(Strategy::Dynamic).intensity(1000, Duration::from_secs(10)),
+            )
+            .restart(RestartType::Permanent),
         )
 }
 

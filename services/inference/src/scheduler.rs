@@ -121,6 +121,33 @@ impl Actor for SchedulerActor {
 }
 
 impl SchedulerActor {
+    fn respawn_unfinished(&self, state: &mut SchedulerState) {
+        let (Ok(kernel), Ok(journal)) = (self.services.kernel(), self.services.journal()) else {
+            return;
+        };
+        let unfinished: Vec<u64> = journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unfinished()
+            .map(|(id, _)| id)
+            .collect();
+        tracing::warn!(
+            count = unfinished.len(),
+            "requests supervisor restarted; restarting unfinished requests"
+        );
+        state.placement.clear();
+        let (kernel, services) = (kernel.clone(), self.services.clone());
+        // Not awaited here: a task's start asks this scheduler for a placement.
+        tokio::spawn(async move {
+            for request in unfinished {
+                let spec = crate::task::task_spec(services.clone(), request);
+                if let Err(err) = kernel.start_child(REQUESTS_PATH, spec).await {
+                    tracing::error!(request, error = %err, "could not restart a request");
+                }
+            }
+        });
+    }
+
     /// Forwards engine failures and hangs from the kernel's event stream (once).
     fn watch(&self, myself: &ActorRef<SchedulerMsg>, state: &mut SchedulerState) {
         if state.watching {
@@ -134,10 +161,13 @@ impl SchedulerActor {
         let myself = myself.clone();
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
-                let relevant = matches!(
-                    event,
-                    KernelEvent::Failed { .. } | KernelEvent::HangDetected { .. }
-                );
+                let relevant = match &event {
+                    KernelEvent::Failed { .. } | KernelEvent::HangDetected { .. } => true,
+                    KernelEvent::Started { path, restarts } => {
+                        *restarts > 0 && path.as_str() == REQUESTS_PATH
+                    }
+                    _ => false,
+                };
                 if relevant && myself.send_message(SchedulerMsg::Kernel(event)).is_err() {
                     return;
                 }
@@ -210,8 +240,14 @@ impl SchedulerActor {
         Ok((chosen, engine))
     }
 
-    /// An engine failed or hung: tell each task placed on its device to attach again.
+    /// An engine failed or hung: tell each task placed on its device to attach again. The
+    /// `requests` supervisor restarted (its dynamic children are gone): start the tasks of
+    /// every unfinished request again.
     fn on_kernel_event(&self, state: &mut SchedulerState, event: KernelEvent) {
+        if let KernelEvent::Started { .. } = event {
+            self.respawn_unfinished(state);
+            return;
+        }
         let path = match &event {
             KernelEvent::Failed { path, .. } | KernelEvent::HangDetected { path, .. } => path,
             _ => return,

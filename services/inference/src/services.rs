@@ -76,6 +76,7 @@ pub struct Services {
     sinks: Mutex<HashMap<u64, Arc<RequestSink>>>,
     kernel: OnceLock<Kernel>,
     next_request: AtomicU64,
+    task_starts: Mutex<HashMap<u64, u32>>,
 }
 
 impl Services {
@@ -88,7 +89,23 @@ impl Services {
             sinks: Mutex::new(HashMap::new()),
             kernel: OnceLock::new(),
             next_request: AtomicU64::new(1),
+            task_starts: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Counts one more start of `request`'s task; returns the count.
+    pub(crate) fn note_task_start(&self, request: u64) -> u32 {
+        let mut starts = self.task_starts.lock().unwrap_or_else(|e| e.into_inner());
+        let count = starts.entry(request).or_insert(0);
+        *count += 1;
+        *count
+    }
+
+    pub(crate) fn forget_task_starts(&self, request: u64) {
+        self.task_starts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&request);
     }
 
     /// The loaded model (set by the `models` actor).

@@ -14,6 +14,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` reached or the context is full.
     Length,
+    /// The request failed (its task kept crashing); journaled so no resume retries it.
+    Error,
 }
 
 impl FinishReason {
@@ -21,14 +23,15 @@ impl FinishReason {
         match self {
             FinishReason::Stop => 0,
             FinishReason::Length => 1,
+            FinishReason::Error => 2,
         }
     }
 
     pub(crate) fn from_code(code: u8) -> Self {
-        if code == 0 {
-            FinishReason::Stop
-        } else {
-            FinishReason::Length
+        match code {
+            0 => FinishReason::Stop,
+            1 => FinishReason::Length,
+            _ => FinishReason::Error,
         }
     }
 }

@@ -25,6 +25,11 @@ use crate::text::visible;
 /// Fault point in a request's task right after a token is sampled (before it is journaled).
 pub const TASK_STEP_POINT: &str = "task.step";
 
+/// A request whose task has started this many times without finishing fails instead of
+/// starting again: one poisonous request must not exhaust the restart intensity that all
+/// requests share.
+pub const MAX_TASK_STARTS: u32 = 8;
+
 /// Where tasks live in the tree.
 pub const REQUESTS_PATH: &str = "llmos/requests";
 
@@ -135,6 +140,7 @@ impl Actor for TaskActor {
         _args: (),
     ) -> Result<TaskState, ActorProcessingErr> {
         llmos_kernel::faults::declare(TASK_STEP_POINT, "a request's task crashes after sampling");
+        let starts = self.services.note_task_start(self.request);
         let log = {
             let journal = self.services.journal()?;
             let journal = journal.lock().unwrap_or_else(|e| e.into_inner());
@@ -194,6 +200,26 @@ impl Actor for TaskActor {
         }
         if let Some(code) = log.finished {
             self.finish(&myself, &mut state, FinishReason::from_code(code), false);
+            return Ok(state);
+        }
+        if starts > MAX_TASK_STARTS {
+            let last = self
+                .services
+                .kernel()
+                .ok()
+                .and_then(|k| {
+                    k.snapshot()
+                        .find(&format!("{REQUESTS_PATH}/{}", task_name(self.request)))
+                        .and_then(|n| n.last_failure.clone())
+                })
+                .map(|f| f.reason)
+                .unwrap_or_else(|| "unknown".into());
+            state.sink.fail(format!(
+                "request {} failed {} times; last failure: {last}",
+                self.request,
+                starts - 1
+            ));
+            self.finish(&myself, &mut state, FinishReason::Error, true);
             return Ok(state);
         }
         if let Some(reason) = self.finished_by_rules(&state) {
@@ -470,5 +496,6 @@ impl TaskActor {
             }
         }
         self.services.remove_sink(self.request);
+        self.services.forget_task_starts(self.request);
     }
 }

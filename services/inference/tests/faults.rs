@@ -201,3 +201,74 @@ async fn a_journal_that_keeps_failing_fails_the_request_clearly() {
     assert!(out.tokens.is_empty(), "no token is delivered un-journaled");
     runtime.shutdown("test").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_always_crashes_fails_alone_with_a_clear_error() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Runtime::boot(config(dir.path(), &[DeviceId::cpu(0)]))
+        .await
+        .unwrap();
+    let mut events = runtime.kernel().subscribe();
+    llmos_kernel::faults::configure("task.step", "panic").unwrap();
+    let out = collect(runtime.submit(PROMPT, params(0.0, 10)).await.unwrap()).await;
+    llmos_kernel::faults::clear("task.step");
+    let error = out.error.expect("the request fails");
+    assert!(
+        error.contains("failed 8 times") && error.contains("task.step"),
+        "{error}"
+    );
+    let seen: Vec<KernelEvent> = std::iter::from_fn(|| events.try_next()).collect();
+    assert!(
+        !seen
+            .iter()
+            .any(|e| matches!(e, KernelEvent::Escalated { .. })),
+        "one bad request must not escalate"
+    );
+    // Others are served, and the failed request is over for good.
+    let next = collect(runtime.submit(PROMPT, params(0.0, 20)).await.unwrap()).await;
+    assert!(KNOWN_CONTINUATION.starts_with(next.text.trim_end()) || next.text.len() > 20);
+    assert!(runtime.resume_unfinished().await.unwrap().is_empty());
+    runtime.shutdown("test").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_requests_supervisor_restarts_inflight_requests_exactly() {
+    let _serial = SERIAL.lock().await;
+    let clean = run(None, 0.8, &[DeviceId::cpu(0)], None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Runtime::boot(config(dir.path(), &[DeviceId::cpu(0)]))
+        .await
+        .unwrap();
+    // Slow tokens down so the kill lands mid-generation.
+    llmos_kernel::faults::configure("task.step", "sleep(5)").unwrap();
+    let mut stream = runtime.submit(PROMPT, params(0.8, TOKENS)).await.unwrap();
+    let mut out = Output {
+        tokens: Vec::new(),
+        text: String::new(),
+        finish: None,
+        error: None,
+    };
+    // Take a few tokens, then kill the whole requests supervisor.
+    while out.tokens.len() < 5 {
+        match stream.events.recv().await.unwrap() {
+            llmos_inference::StreamEvent::Token { token, text, .. } => {
+                out.tokens.push(token);
+                out.text.push_str(&text);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    runtime
+        .kernel()
+        .kill(llmos_inference::REQUESTS_PATH)
+        .unwrap();
+    let rest = collect(stream).await;
+    llmos_kernel::faults::clear("task.step");
+    runtime.shutdown("test").await;
+    assert_eq!(rest.error, None);
+    out.tokens.extend(rest.tokens);
+    out.text.push_str(&rest.text);
+    assert_eq!(out.tokens, clean.tokens);
+    assert_eq!(out.text, clean.text);
+}

@@ -181,3 +181,29 @@ async fn bad_model_files_fail_the_boot_with_the_file_named() {
         assert!(err.contains("built without CUDA"), "{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_too_small_for_a_request_refuses_it_without_disturbing_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &[DeviceId::cpu(0)]);
+    // stories260K: 5 layers × 2 × 16 positions × 4 heads × 8 dims × 4 bytes = 20 KiB a
+    // block; 8 blocks hold 128 positions.
+    cfg.kv_budget_bytes = 8 * 20 * 1024;
+    let runtime = Runtime::boot(cfg).await.unwrap();
+    let err = runtime
+        .submit("Once upon a time", params(0.0, 300))
+        .await
+        .err()
+        .expect("needs more KV than the pool has");
+    assert!(matches!(err, InferenceError::Overloaded(_)), "{err}");
+    assert!(err.to_string().contains("KV"), "{err}");
+    let out = collect(
+        runtime
+            .submit("Once upon a time", params(0.0, 60))
+            .await
+            .unwrap(),
+    )
+    .await;
+    runtime.shutdown("test").await;
+    assert!(out.text.starts_with(KNOWN_CONTINUATION), "{:?}", out.text);
+}

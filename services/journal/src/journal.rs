@@ -315,6 +315,8 @@ impl Journal {
             }
             added += 1;
         }
+        // Measured before a write drains the buffer (earlier buffered records included).
+        let bytes = (self.pending.len() - mark) as u64;
         if result.is_ok() && added > 0 && self.flush_due() {
             result = self.write_pending();
         }
@@ -324,7 +326,6 @@ impl Journal {
                 self.state.undo(u);
             }
         } else {
-            let bytes = (self.pending.len() - mark) as u64;
             if !self.pending.is_empty() {
                 self.pending_records += added;
             }
