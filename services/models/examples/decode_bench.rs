@@ -27,7 +27,11 @@ fn argmax(v: &[f32]) -> u32 {
 fn ours(model: &Model, prompt: &[u32], n: usize) -> (f64, Vec<u32>) {
     let mut kv = ContiguousKv::new(model.kv_shape());
     let mut logits = model
-        .forward(&mut [SeqStep { tokens: prompt, start_pos: 0, kv: &mut kv }])
+        .forward(&mut [SeqStep {
+            tokens: prompt,
+            start_pos: 0,
+            kv: &mut kv,
+        }])
         .unwrap();
     let t = Instant::now();
     let mut out = Vec::with_capacity(n);
@@ -36,7 +40,11 @@ fn ours(model: &Model, prompt: &[u32], n: usize) -> (f64, Vec<u32>) {
         out.push(next);
         let pos = kv.len();
         logits = model
-            .forward(&mut [SeqStep { tokens: &[next], start_pos: pos, kv: &mut kv }])
+            .forward(&mut [SeqStep {
+                tokens: &[next],
+                start_pos: pos,
+                kv: &mut kv,
+            }])
             .unwrap();
     }
     (n as f64 / t.elapsed().as_secs_f64(), out)
@@ -62,12 +70,18 @@ fn reference(path: &PathBuf, prompt: &[u32], n: usize) -> (f64, Vec<u32>) {
 
 /// Decode throughput with `b` sequences per step (tokens/s summed over the batch).
 fn batched(model: &Model, prompt: &[u32], n: usize, b: usize) -> f64 {
-    let mut kvs: Vec<ContiguousKv> = (0..b).map(|_| ContiguousKv::new(model.kv_shape())).collect();
+    let mut kvs: Vec<ContiguousKv> = (0..b)
+        .map(|_| ContiguousKv::new(model.kv_shape()))
+        .collect();
     let mut next = vec![0u32; b];
     for (i, kv) in kvs.iter_mut().enumerate() {
         let p: Vec<u32> = prompt.iter().take(prompt.len() - i % 2).copied().collect();
         let l = model
-            .forward(&mut [SeqStep { tokens: &p, start_pos: 0, kv }])
+            .forward(&mut [SeqStep {
+                tokens: &p,
+                start_pos: 0,
+                kv,
+            }])
             .unwrap();
         next[i] = argmax(&l[0].to_vec1::<f32>().unwrap());
     }
@@ -76,7 +90,11 @@ fn batched(model: &Model, prompt: &[u32], n: usize, b: usize) -> f64 {
         let mut steps: Vec<SeqStep<'_>> = Vec::with_capacity(b);
         for (kv, tok) in kvs.iter_mut().zip(next.iter()) {
             let pos = kv.len();
-            steps.push(SeqStep { tokens: std::slice::from_ref(tok), start_pos: pos, kv });
+            steps.push(SeqStep {
+                tokens: std::slice::from_ref(tok),
+                start_pos: pos,
+                kv,
+            });
         }
         let logits = model.forward(&mut steps).unwrap();
         drop(steps);
@@ -106,7 +124,12 @@ fn main() {
             let p = tmp.path().join("synth.gguf");
             let t = Instant::now();
             synth::write_gguf(&p, &preset, dtype, 1).unwrap();
-            eprintln!("wrote {} ({} params) in {:.1?}", s, preset.param_count(), t.elapsed());
+            eprintln!(
+                "wrote {} ({} params) in {:.1?}",
+                s,
+                preset.param_count(),
+                t.elapsed()
+            );
             p
         }
         Some(p) => PathBuf::from(p),
@@ -121,9 +144,23 @@ fn main() {
     eprintln!("loaded {} in {:.1?}", path.display(), t.elapsed());
     let prompt = loaded.tokenizer.encode("Once upon a time", true).unwrap();
     let (mut a, mut b) = (Vec::new(), Vec::new());
+    // IN_POOL: run both decode loops on a rayon worker (no per-op hop into the pool);
+    // SKIP_REF: time only ours (for profiling).
+    let in_pool = std::env::var("IN_POOL").is_ok();
+    let skip_ref = std::env::var("SKIP_REF").is_ok();
     for r in 0..rounds {
-        let (x, ox) = ours(&loaded.model, &prompt, n);
-        let (y, oy) = reference(&path, &prompt, n);
+        let (x, ox) = if in_pool {
+            llmos_models::on_cpu_pool(|| ours(&loaded.model, &prompt, n))
+        } else {
+            ours(&loaded.model, &prompt, n)
+        };
+        let (y, oy) = if skip_ref {
+            (f64::NAN, ox.clone())
+        } else if in_pool {
+            llmos_models::on_cpu_pool(|| reference(&path, &prompt, n))
+        } else {
+            reference(&path, &prompt, n)
+        };
         assert_eq!(ox, oy, "token streams differ");
         println!("round {r}: ours {x:8.0} tok/s   candle-transformers {y:8.0} tok/s");
         a.push(x);
@@ -140,7 +177,12 @@ fn main() {
         ma / mb
     );
     for bsz in batches {
-        let tps = batched(&loaded.model, &prompt, n.min(200), bsz);
+        let run = || batched(&loaded.model, &prompt, n.min(200), bsz);
+        let tps = if in_pool {
+            llmos_models::on_cpu_pool(run)
+        } else {
+            run()
+        };
         println!("batched decode, {bsz} sequences: {tps:.0} tok/s total");
     }
 }

@@ -314,13 +314,17 @@ fn config(path: &Path, content: &Content) -> Result<ModelConfig> {
             path: path.into(),
             tensor: "token_embd.weight".into(),
         })?;
+    let declared_vocab = meta.usize_opt(&key("vocab_size"))?;
     let vocab_size = match embd.shape.dims() {
-        [v, d] if *d == dim => *v,
+        [v, d] if *d == dim && declared_vocab.is_none_or(|n| n == *v) => *v,
         found => {
             return Err(ModelError::ShapeMismatch {
                 path: path.into(),
                 tensor: "token_embd.weight".into(),
-                expected: vec![meta.usize_opt(&key("vocab_size"))?.unwrap_or(0), dim],
+                expected: vec![
+                    declared_vocab.unwrap_or(found.first().copied().unwrap_or(0)),
+                    dim,
+                ],
                 found: found.to_vec(),
             })
         }

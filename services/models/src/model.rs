@@ -182,7 +182,7 @@ impl Model {
     ///
     /// All sequences' new tokens go through the embedding, norms, projections and
     /// feed-forward as one `[T, dim]` matrix; only rotary positions and attention are
-    /// per sequence.
+    /// per sequence. On the CPU, call it inside [`crate::on_cpu_pool`] (see there).
     pub fn forward(&self, batch: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
         let c = &self.config;
         let plans = self.plan(batch)?;

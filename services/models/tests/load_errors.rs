@@ -56,7 +56,10 @@ fn write_truncated(src: &Path, dst: &Path, len: usize) {
 fn missing_files() {
     let dir = tempfile::tempdir().unwrap();
     let nowhere = dir.path().join("nope.gguf");
-    assert!(matches!(fails(&nowhere, &nowhere), ModelError::MissingFile { .. }));
+    assert!(matches!(
+        fails(&nowhere, &nowhere),
+        ModelError::MissingFile { .. }
+    ));
     let hf = tiny_hf(dir.path(), "hf");
     for file in ["tokenizer.json", "config.json", "model.safetensors"] {
         let d = dir.path().join(format!("without-{file}"));
@@ -67,7 +70,10 @@ fn missing_files() {
                 std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
             }
         }
-        assert!(matches!(fails(&d, &d.join(file)), ModelError::MissingFile { .. }));
+        assert!(matches!(
+            fails(&d, &d.join(file)),
+            ModelError::MissingFile { .. }
+        ));
     }
     assert!(matches!(
         load_hf_dir(&nowhere, &Device::Cpu),
@@ -87,7 +93,10 @@ fn truncated_files() {
         let e = fails(&p, &p);
         assert!(matches!(e, ModelError::Truncated { .. }), "at {len}: {e}");
         if len == full - 1000 {
-            assert!(e.to_string().contains("output.weight"), "names the tensor: {e}");
+            assert!(
+                e.to_string().contains("output.weight"),
+                "names the tensor: {e}"
+            );
         }
     }
     let good = tiny_hf(dir.path(), "good");
@@ -121,7 +130,9 @@ fn corrupt_headers_and_metadata() {
     assert!(matches!(fails(&p, &p), ModelError::Corrupt { .. }));
     // An alignment of 0 makes candle's parser divide by zero: still just an error.
     let p = dir.path().join("align.gguf");
-    rewrite_gguf(&src, &p, |md, _| md.push(("general.alignment".into(), Value::U32(0))));
+    rewrite_gguf(&src, &p, |md, _| {
+        md.push(("general.alignment".into(), Value::U32(0)))
+    });
     assert!(matches!(fails(&p, &p), ModelError::Corrupt { .. }));
     // Nonsense hyper-parameters.
     let p = dir.path().join("heads.gguf");
@@ -131,14 +142,19 @@ fn corrupt_headers_and_metadata() {
     });
     assert!(matches!(fails(&p, &p), ModelError::Corrupt { .. }));
     let p = dir.path().join("nolayers.gguf");
-    rewrite_gguf(&src, &p, |md, _| md.retain(|(k, _)| k != "llama.block_count"));
+    rewrite_gguf(&src, &p, |md, _| {
+        md.retain(|(k, _)| k != "llama.block_count")
+    });
     let e = fails(&p, &p);
     assert!(e.to_string().contains("llama.block_count"), "{e}");
     // A tokenizer whose arrays disagree.
     let p = dir.path().join("tok.gguf");
     rewrite_gguf(&src, &p, |md, _| {
         md.retain(|(k, _)| k != "tokenizer.ggml.scores");
-        md.push(("tokenizer.ggml.scores".into(), Value::Array(vec![Value::F32(0.0)])));
+        md.push((
+            "tokenizer.ggml.scores".into(),
+            Value::Array(vec![Value::F32(0.0)]),
+        ));
     });
     assert!(matches!(fails(&p, &p), ModelError::Tokenizer { .. }));
 
@@ -169,13 +185,18 @@ fn unsupported_architectures() {
         md.push(("general.architecture".into(), Value::String("gpt2".into())));
     });
     let e = fails(&p, &p);
-    assert!(matches!(e, ModelError::UnsupportedArchitecture { .. }) && e.to_string().contains("gpt2"));
+    assert!(
+        matches!(e, ModelError::UnsupportedArchitecture { .. }) && e.to_string().contains("gpt2")
+    );
     let p = dir.path().join("partial-rope.gguf");
     rewrite_gguf(&src, &p, |md, _| {
         md.retain(|(k, _)| k != "llama.rope.dimension_count");
         md.push(("llama.rope.dimension_count".into(), Value::U32(8)));
     });
-    assert!(matches!(fails(&p, &p), ModelError::UnsupportedArchitecture { .. }));
+    assert!(matches!(
+        fails(&p, &p),
+        ModelError::UnsupportedArchitecture { .. }
+    ));
 
     let hf = tiny_hf(dir.path(), "hf");
     let cfg = hf.join("config.json");
@@ -183,14 +204,20 @@ fn unsupported_architectures() {
     for (key, value) in [
         ("architectures", serde_json::json!(["GPT2LMHeadModel"])),
         ("architectures", serde_json::json!(["Qwen2ForCausalLM"])),
-        ("rope_scaling", serde_json::json!({"type": "llama3", "factor": 8.0})),
+        (
+            "rope_scaling",
+            serde_json::json!({"type": "llama3", "factor": 8.0}),
+        ),
         ("hidden_act", serde_json::json!("gelu")),
     ] {
         let mut c = good.clone();
         c[key] = value;
         std::fs::write(&cfg, serde_json::to_vec(&c).unwrap()).unwrap();
         let e = fails(&hf, &cfg);
-        assert!(matches!(e, ModelError::UnsupportedArchitecture { .. }), "{key}: {e}");
+        assert!(
+            matches!(e, ModelError::UnsupportedArchitecture { .. }),
+            "{key}: {e}"
+        );
     }
     // Mistral is Llama with a window: accepted, context capped at the window.
     let mut c = good.clone();
@@ -205,7 +232,10 @@ fn unsupported_architectures() {
 fn dtype_field(bytes: &[u8], name: &str) -> usize {
     let mut key = (name.len() as u64).to_le_bytes().to_vec();
     key.extend_from_slice(name.as_bytes());
-    let at = bytes.windows(key.len()).position(|w| w == key.as_slice()).unwrap();
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key.as_slice())
+        .unwrap();
     let after_name = at + key.len();
     let n_dims = u32::from_le_bytes(bytes[after_name..after_name + 4].try_into().unwrap()) as usize;
     after_name + 4 + 8 * n_dims
@@ -250,7 +280,9 @@ fn missing_tensors_and_shape_mismatches() {
     let dir = tempfile::tempdir().unwrap();
     let src = tiny_gguf(dir.path());
     let p = dir.path().join("missing.gguf");
-    rewrite_gguf(&src, &p, |_, ts| ts.retain(|(n, _)| n != "blk.2.ffn_up.weight"));
+    rewrite_gguf(&src, &p, |_, ts| {
+        ts.retain(|(n, _)| n != "blk.2.ffn_up.weight")
+    });
     match fails(&p, &p) {
         ModelError::MissingTensor { tensor, .. } => assert_eq!(tensor, "blk.2.ffn_up.weight"),
         e => panic!("{e}"),
@@ -265,7 +297,12 @@ fn missing_tensors_and_shape_mismatches() {
         }
     });
     match fails(&p, &p) {
-        ModelError::ShapeMismatch { tensor, expected, found, .. } => {
+        ModelError::ShapeMismatch {
+            tensor,
+            expected,
+            found,
+            ..
+        } => {
             assert_eq!(tensor, "blk.0.attn_k.weight");
             assert_eq!((expected, found), (vec![32, 64], vec![64, 96]));
         }
@@ -301,7 +338,9 @@ fn no_panic_on_damaged_files() {
     let dir = tempfile::tempdir().unwrap();
     let src = tiny_gguf(dir.path());
     let bytes = std::fs::read(&src).unwrap();
-    let content = candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&bytes)).unwrap();
+    let content =
+        candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&bytes))
+            .unwrap();
     let header = content.tensor_data_offset as usize;
     let p = dir.path().join("damaged.gguf");
     for len in (0..header).step_by(header / 150) {

@@ -21,6 +21,10 @@ fn greedy_decode_reproduces_the_known_story() {
     let out = greedy(&loaded.model, &prompt, 60);
     let text = loaded.tokenizer.decode(&out);
     assert!(text.starts_with(KNOWN), "got {text:?}");
+    // The same inside rayon's pool, as engines run it.
+    let model = &loaded.model;
+    let pooled = llmos_models::on_cpu_pool(|| greedy(model, &prompt, 60));
+    assert_eq!(pooled, out);
 }
 
 /// Greedy decoding with candle-transformers' implementation of the same file.
@@ -61,7 +65,8 @@ fn matches_candle_transformers_token_for_token() {
         let theirs = reference_greedy(&prompt, 200);
         let first_diff = ours.iter().zip(&theirs).position(|(a, b)| a != b);
         assert_eq!(
-            first_diff, None,
+            first_diff,
+            None,
             "{text:?}: diverged at step {first_diff:?}\nours:   {:?}\ntheirs: {:?}",
             loaded.tokenizer.decode(&ours),
             loaded.tokenizer.decode(&theirs)
@@ -75,7 +80,9 @@ fn batched_forward_equals_unbatched() {
     let loaded = load_gguf(stories_gguf(), &Device::Cpu).unwrap();
     let (model, tok) = (&loaded.model, &loaded.tokenizer);
     let a = tok.encode("Once upon a time there was", true).unwrap();
-    let b = tok.encode("The cat sat on the mat and looked at the", true).unwrap();
+    let b = tok
+        .encode("The cat sat on the mat and looked at the", true)
+        .unwrap();
     let c = tok.encode("Lily and Ben", true).unwrap();
     // Histories: b has 9 cached positions and decodes 1 token; c has 2 cached and
     // prefills the rest; a starts empty and prefills everything.
@@ -85,7 +92,11 @@ fn batched_forward_equals_unbatched() {
         let mut kv = ContiguousKv::new(model.kv_shape());
         if !hist.is_empty() {
             model
-                .forward(&mut [SeqStep { tokens: hist, start_pos: 0, kv: &mut kv }])
+                .forward(&mut [SeqStep {
+                    tokens: hist,
+                    start_pos: 0,
+                    kv: &mut kv,
+                }])
                 .unwrap();
         }
         kv
@@ -94,14 +105,30 @@ fn batched_forward_equals_unbatched() {
     let (mut ua, mut ub, mut uc) = (ka.clone(), kb.clone(), kc.clone());
     let batched = model
         .forward(&mut [
-            SeqStep { tokens: &a, start_pos: 0, kv: &mut ka },
-            SeqStep { tokens: b_new, start_pos: b_hist.len(), kv: &mut kb },
-            SeqStep { tokens: c_new, start_pos: c_hist.len(), kv: &mut kc },
+            SeqStep {
+                tokens: &a,
+                start_pos: 0,
+                kv: &mut ka,
+            },
+            SeqStep {
+                tokens: b_new,
+                start_pos: b_hist.len(),
+                kv: &mut kb,
+            },
+            SeqStep {
+                tokens: c_new,
+                start_pos: c_hist.len(),
+                kv: &mut kc,
+            },
         ])
         .unwrap();
     let single = |tokens: &[u32], start_pos: usize, kv: &mut ContiguousKv| {
         model
-            .forward(&mut [SeqStep { tokens, start_pos, kv }])
+            .forward(&mut [SeqStep {
+                tokens,
+                start_pos,
+                kv,
+            }])
             .unwrap()
             .remove(0)
     };
@@ -120,9 +147,21 @@ fn batched_forward_equals_unbatched() {
     let next: Vec<u32> = batched.iter().map(argmax).collect();
     let x = model
         .forward(&mut [
-            SeqStep { tokens: &next[0..1], start_pos: a.len(), kv: &mut ka },
-            SeqStep { tokens: &next[1..2], start_pos: b.len(), kv: &mut kb },
-            SeqStep { tokens: &next[2..3], start_pos: c.len(), kv: &mut kc },
+            SeqStep {
+                tokens: &next[0..1],
+                start_pos: a.len(),
+                kv: &mut ka,
+            },
+            SeqStep {
+                tokens: &next[1..2],
+                start_pos: b.len(),
+                kv: &mut kb,
+            },
+            SeqStep {
+                tokens: &next[2..3],
+                start_pos: c.len(),
+                kv: &mut kc,
+            },
         ])
         .unwrap();
     let y = [
@@ -141,10 +180,17 @@ fn prefill_equals_token_by_token() {
     init();
     let loaded = load_gguf(stories_gguf(), &Device::Cpu).unwrap();
     let model = &loaded.model;
-    let ids = loaded.tokenizer.encode("One day, a big bird flew over the town.", true).unwrap();
+    let ids = loaded
+        .tokenizer
+        .encode("One day, a big bird flew over the town.", true)
+        .unwrap();
     let mut kv = ContiguousKv::new(model.kv_shape());
     let whole = model
-        .forward(&mut [SeqStep { tokens: &ids, start_pos: 0, kv: &mut kv }])
+        .forward(&mut [SeqStep {
+            tokens: &ids,
+            start_pos: 0,
+            kv: &mut kv,
+        }])
         .unwrap()
         .remove(0);
     let mut kv = ContiguousKv::new(model.kv_shape());
@@ -152,7 +198,11 @@ fn prefill_equals_token_by_token() {
     for (i, t) in ids.iter().enumerate() {
         last = Some(
             model
-                .forward(&mut [SeqStep { tokens: std::slice::from_ref(t), start_pos: i, kv: &mut kv }])
+                .forward(&mut [SeqStep {
+                    tokens: std::slice::from_ref(t),
+                    start_pos: i,
+                    kv: &mut kv,
+                }])
                 .unwrap()
                 .remove(0),
         );
@@ -162,7 +212,11 @@ fn prefill_equals_token_by_token() {
     // Recomputing a suffix after truncation gives the same logits again.
     kv.truncate(4);
     let again = model
-        .forward(&mut [SeqStep { tokens: &ids[4..], start_pos: 4, kv: &mut kv }])
+        .forward(&mut [SeqStep {
+            tokens: &ids[4..],
+            start_pos: 4,
+            kv: &mut kv,
+        }])
         .unwrap()
         .remove(0);
     assert!(max_abs_diff(&whole, &again) < 1e-4);

@@ -26,7 +26,11 @@ fn gguf_and_hf_of_one_seed_are_the_same_model() {
     assert_eq!(g.model.kv_shape(), h.model.kv_shape());
     assert_eq!(
         g.model.kv_shape(),
-        KvShape { n_layers: 4, n_kv_heads: 2, head_dim: 16 }
+        KvShape {
+            n_layers: 4,
+            n_kv_heads: 2,
+            head_dim: 16
+        }
     );
     let a = logits_trace(&g.model, PROMPT, 20);
     let b = logits_trace(&h.model, PROMPT, 20);
@@ -59,7 +63,10 @@ fn gguf_and_hf_of_one_seed_are_the_same_model() {
     // The same seed writes the same bytes.
     let again = dir.path().join("again.gguf");
     synth::write_gguf(&again, &Preset::TINY, GgmlDType::F32, 7).unwrap();
-    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&gguf_path).unwrap());
+    assert_eq!(
+        std::fs::read(&again).unwrap(),
+        std::fs::read(&gguf_path).unwrap()
+    );
 }
 
 #[test]
@@ -84,20 +91,29 @@ fn every_gguf_storage_type_matches_the_reference_and_stays_near_f32() {
         let path = dir.path().join(format!("{}-{dtype:?}.gguf", preset.name));
         synth::write_gguf(&path, &preset, dtype, 3).unwrap();
         let q = load_gguf(&path, &Device::Cpu).unwrap();
-        assert_eq!(q.model.config().weight_type, format!("{dtype:?}").to_lowercase());
+        assert_eq!(
+            q.model.config().weight_type,
+            format!("{dtype:?}").to_lowercase()
+        );
         // Same file, same kernels: our forward and candle-transformers' agree closely.
         let ours = forced_trace(&q.model, PROMPT, &forced);
         let theirs = reference_trace(&path, PROMPT, &forced);
         for (i, (x, y)) in ours.iter().zip(&theirs).enumerate() {
             assert!(all_finite(x), "{dtype:?}");
             let r = rel_diff(x, y);
-            assert!(r < 1e-3, "{dtype:?} step {i}: relative difference to reference {r}");
+            assert!(
+                r < 1e-3,
+                "{dtype:?} step {i}: relative difference to reference {r}"
+            );
         }
         // Quantization error stays that of the storage type.
         let f = load_gguf(&base, &Device::Cpu).unwrap();
         let exact = forced_trace(&f.model, PROMPT, &[]);
         let c = cosine(&ours[0], &exact[0]);
-        assert!(c > min_cos, "{dtype:?}: cosine to f32 logits {c} ≤ {min_cos}");
+        assert!(
+            c > min_cos,
+            "{dtype:?}: cosine to f32 logits {c} ≤ {min_cos}"
+        );
     }
     // k-quants cannot pack 64-wide rows: a clear error, no file.
     let err = synth::write_gguf(dir.path().join("x.gguf"), &Preset::TINY, GgmlDType::Q4K, 1);
@@ -120,7 +136,10 @@ fn hf_half_precision_and_shards_load() {
         synth::write_hf_dir_with(&d, &Preset::TINY, 11, HfOptions { dtype, shards }).unwrap();
         assert_eq!(d.join("model.safetensors.index.json").exists(), shards > 1);
         let m = load_hf_dir(&d, &Device::Cpu).unwrap();
-        assert_eq!(m.model.config().weight_type, format!("{dtype:?}").to_lowercase());
+        assert_eq!(
+            m.model.config().weight_type,
+            format!("{dtype:?}").to_lowercase()
+        );
         for (x, y) in logits_trace(&m.model, PROMPT, 2).iter().zip(&reference) {
             let r = rel_diff(x, y);
             assert!(r < tol, "{dtype:?}/{shards}: relative error {r}");
@@ -137,7 +156,11 @@ fn forward_rejects_bad_input_without_touching_the_cache() {
     let m = load_gguf(&path, &Device::Cpu).unwrap().model;
     let mut kv = ContiguousKv::new(m.kv_shape());
     let bad = |tokens: &[u32], start_pos: usize, kv: &mut dyn llmos_kv::KvStore| {
-        let r = m.forward(&mut [SeqStep { tokens, start_pos, kv }]);
+        let r = m.forward(&mut [SeqStep {
+            tokens,
+            start_pos,
+            kv,
+        }]);
         assert!(matches!(r, Err(ModelError::InvalidInput(_))), "{r:?}");
     };
     bad(&[], 0, &mut kv);
@@ -145,12 +168,25 @@ fn forward_rejects_bad_input_without_touching_the_cache() {
     bad(&[1], 1, &mut kv);
     let long = vec![5u32; 257];
     bad(&long, 0, &mut kv);
-    let mut wrong = ContiguousKv::new(KvShape { n_layers: 4, n_kv_heads: 4, head_dim: 16 });
+    let mut wrong = ContiguousKv::new(KvShape {
+        n_layers: 4,
+        n_kv_heads: 4,
+        head_dim: 16,
+    });
     bad(&[1], 0, &mut wrong);
-    assert!(matches!(m.forward(&mut []), Err(ModelError::InvalidInput(_))));
+    assert!(matches!(
+        m.forward(&mut []),
+        Err(ModelError::InvalidInput(_))
+    ));
     assert!(llmos_kv::KvStore::is_empty(&kv));
     // The whole context fits.
     let full = vec![5u32; 256];
-    let l = m.forward(&mut [SeqStep { tokens: &full, start_pos: 0, kv: &mut kv }]).unwrap();
+    let l = m
+        .forward(&mut [SeqStep {
+            tokens: &full,
+            start_pos: 0,
+            kv: &mut kv,
+        }])
+        .unwrap();
     assert!(all_finite(&l[0]));
 }

@@ -33,8 +33,14 @@ const TEXTS: &[&str] = &[
 #[test]
 fn gguf_metadata_and_tokenizer_json_agree() {
     let (gguf, hf) = both();
-    assert_eq!(gguf.encode("Once upon a time", true).unwrap(), [1, 403, 407, 261, 378]);
-    assert_eq!(hf.encode("Once upon a time", true).unwrap(), [1, 403, 407, 261, 378]);
+    assert_eq!(
+        gguf.encode("Once upon a time", true).unwrap(),
+        [1, 403, 407, 261, 378]
+    );
+    assert_eq!(
+        hf.encode("Once upon a time", true).unwrap(),
+        [1, 403, 407, 261, 378]
+    );
     assert_eq!((gguf.bos_id(), gguf.eos_id()), (1, 2));
     assert_eq!((hf.bos_id(), hf.eos_id()), (1, 2));
     assert_eq!(gguf.vocab_size(), 512);
@@ -61,7 +67,10 @@ fn decode_matches_the_tokenizers_crate() {
     let (gguf, _) = both();
     let reference = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     // Arbitrary id sequences, including control ids in odd places and every piece.
-    let mut seqs: Vec<Vec<u32>> = TEXTS.iter().map(|t| gguf.encode(t, true).unwrap()).collect();
+    let mut seqs: Vec<Vec<u32>> = TEXTS
+        .iter()
+        .map(|t| gguf.encode(t, true).unwrap())
+        .collect();
     seqs.push((0..3).chain(259..512).collect());
     seqs.push(vec![1, 300, 2, 1, 259, 265]);
     seqs.push(vec![3 + 0xE2, 3 + 0x82, 3 + 0xAC, 400]);

@@ -49,14 +49,22 @@ pub fn greedy(model: &Model, prompt: &[u32], steps: usize) -> Vec<u32> {
     let mut kv = ContiguousKv::new(model.kv_shape());
     let mut out = Vec::with_capacity(steps);
     let mut logits = model
-        .forward(&mut [SeqStep { tokens: prompt, start_pos: 0, kv: &mut kv }])
+        .forward(&mut [SeqStep {
+            tokens: prompt,
+            start_pos: 0,
+            kv: &mut kv,
+        }])
         .unwrap();
     for _ in 0..steps {
         let next = argmax(&logits[0]);
         out.push(next);
         let pos = kv.len();
         logits = model
-            .forward(&mut [SeqStep { tokens: &[next], start_pos: pos, kv: &mut kv }])
+            .forward(&mut [SeqStep {
+                tokens: &[next],
+                start_pos: pos,
+                kv: &mut kv,
+            }])
             .unwrap();
     }
     out
@@ -66,7 +74,10 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(a.len(), b.len());
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Rewrites a GGUF file through candle's reader and writer, letting `edit` change the
@@ -87,7 +98,12 @@ pub fn rewrite_gguf(
     let mut tensors: Vec<(String, candle_core::quantized::QTensor)> = names
         .into_iter()
         .map(|n| {
-            (n.clone(), content.tensor(&mut f, n, &candle_core::Device::Cpu).unwrap())
+            (
+                n.clone(),
+                content
+                    .tensor(&mut f, n, &candle_core::Device::Cpu)
+                    .unwrap(),
+            )
         })
         .collect();
     let mut md: Vec<(String, gguf_file::Value)> = content.metadata.into_iter().collect();
@@ -104,13 +120,21 @@ pub fn rewrite_gguf(
 pub fn logits_trace(model: &Model, prompt: &[u32], steps: usize) -> Vec<Tensor> {
     let mut kv = ContiguousKv::new(model.kv_shape());
     let mut out = model
-        .forward(&mut [SeqStep { tokens: prompt, start_pos: 0, kv: &mut kv }])
+        .forward(&mut [SeqStep {
+            tokens: prompt,
+            start_pos: 0,
+            kv: &mut kv,
+        }])
         .unwrap();
     for _ in 0..steps {
         let next = argmax(out.last().unwrap());
         let pos = kv.len();
         let l = model
-            .forward(&mut [SeqStep { tokens: &[next], start_pos: pos, kv: &mut kv }])
+            .forward(&mut [SeqStep {
+                tokens: &[next],
+                start_pos: pos,
+                kv: &mut kv,
+            }])
             .unwrap();
         out.extend(l);
     }
@@ -118,7 +142,12 @@ pub fn logits_trace(model: &Model, prompt: &[u32], steps: usize) -> Vec<Tensor> 
 }
 
 pub fn all_finite(t: &Tensor) -> bool {
-    t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite())
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|x| x.is_finite())
 }
 
 /// Largest |a-b| relative to the largest |b|.
@@ -137,13 +166,21 @@ pub fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
 pub fn forced_trace(model: &Model, prompt: &[u32], forced: &[u32]) -> Vec<Tensor> {
     let mut kv = ContiguousKv::new(model.kv_shape());
     let mut out = model
-        .forward(&mut [SeqStep { tokens: prompt, start_pos: 0, kv: &mut kv }])
+        .forward(&mut [SeqStep {
+            tokens: prompt,
+            start_pos: 0,
+            kv: &mut kv,
+        }])
         .unwrap();
     for &t in forced {
         let pos = kv.len();
         out.extend(
             model
-                .forward(&mut [SeqStep { tokens: &[t], start_pos: pos, kv: &mut kv }])
+                .forward(&mut [SeqStep {
+                    tokens: &[t],
+                    start_pos: pos,
+                    kv: &mut kv,
+                }])
                 .unwrap(),
         );
     }
