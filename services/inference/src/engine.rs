@@ -41,6 +41,8 @@ pub enum EngineMsg {
         tokens: Vec<u32>,
         /// Tokens of the prompt.
         prompt_len: usize,
+        /// Generation of the task instance: an older one's messages are ignored.
+        generation: u32,
         /// The task's step number, echoed back.
         step: u64,
         /// Where to send the logits.
@@ -52,6 +54,8 @@ pub enum EngineMsg {
         seq: u64,
         /// The token just sampled.
         token: u32,
+        /// Generation of the task instance.
+        generation: u32,
         /// The task's step number, echoed back.
         step: u64,
         /// Where to send the logits.
@@ -141,6 +145,8 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 /// A sequence the engine holds KV for.
 struct Sequence {
     kv: crate::kvpool::SeqKv,
+    /// Generation of the task instance that owns the sequence now.
+    generation: u32,
     /// Tokens whose KV is in `kv` (its first `kv.len()` entries), plus the pending token.
     tokens: Vec<u32>,
 }
@@ -204,11 +210,19 @@ impl EngineThread {
                     seq,
                     tokens,
                     prompt_len,
+                    generation,
                     step,
                     reply,
                 } => {
+                    let superseded = self
+                        .sequences
+                        .get(&seq)
+                        .is_some_and(|s| s.generation > generation);
+                    if superseded {
+                        continue;
+                    }
                     let job = Job { seq, step, reply };
-                    match self.attach(seq, tokens, prompt_len) {
+                    match self.attach(seq, tokens, prompt_len, generation) {
                         Ok(()) => jobs.push(job),
                         Err(err) => fail_job(job, err),
                     }
@@ -216,11 +230,14 @@ impl EngineThread {
                 EngineMsg::Next {
                     seq,
                     token,
+                    generation,
                     step,
                     reply,
                 } => {
                     let job = Job { seq, step, reply };
                     match self.sequences.get_mut(&seq) {
+                        // A superseded task instance: its replacement owns the sequence.
+                        Some(sequence) if sequence.generation != generation => {}
                         Some(sequence) => {
                             sequence.tokens.push(token);
                             jobs.push(job);
@@ -275,6 +292,7 @@ impl EngineThread {
         seq: u64,
         tokens: Vec<u32>,
         prompt_len: usize,
+        generation: u32,
     ) -> Result<(), InferenceError> {
         if tokens.is_empty() || prompt_len == 0 || prompt_len > tokens.len() {
             return Err(InferenceError::Internal(format!(
@@ -302,6 +320,7 @@ impl EngineThread {
                     .fetch_add(keep as u64, Ordering::Relaxed);
                 Sequence {
                     kv,
+                    generation,
                     tokens: tokens[..keep].to_vec(),
                 }
             }
@@ -311,6 +330,7 @@ impl EngineThread {
                 from_pool = true;
                 Sequence {
                     tokens: tokens[..valid].to_vec(),
+                    generation,
                     kv,
                 }
             }
@@ -389,7 +409,7 @@ impl EngineThread {
         let result = {
             let mut steps: Vec<SeqStep<'_>> = taken
                 .iter_mut()
-                .map(|(_, Sequence { kv, tokens })| {
+                .map(|(_, Sequence { kv, tokens, .. })| {
                     let start = kv.len();
                     // Errors here only delay sealing; the forward reports real problems.
                     let _ = kv.record_tokens(start, &tokens[start..]);

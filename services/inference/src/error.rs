@@ -50,6 +50,9 @@ pub enum InferenceError {
     /// Kernel (addresses, children).
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    /// A newer instance of this request's task has taken over.
+    #[error("request {0}: this task instance was superseded")]
+    Superseded(u64),
     /// A broken invariant inside the services.
     #[error("internal error: {0}")]
     Internal(String),

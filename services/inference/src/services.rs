@@ -101,6 +101,16 @@ impl Services {
         *count
     }
 
+    /// The generation of `request`'s newest task instance (its start count).
+    pub(crate) fn task_generation(&self, request: u64) -> u32 {
+        self.task_starts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&request)
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub(crate) fn forget_task_starts(&self, request: u64) {
         self.task_starts
             .lock()

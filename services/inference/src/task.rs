@@ -110,6 +110,8 @@ pub struct TaskState {
     device: Option<(DeviceId, Addr<EngineMsg>)>,
     tried: Vec<DeviceId>,
     prefix_text: String,
+    /// This instance's generation; a newer instance fences this one off.
+    generation: u32,
 }
 
 impl TaskState {
@@ -184,6 +186,7 @@ impl Actor for TaskActor {
             device: None,
             tried: Vec::new(),
             prefix_text,
+            generation: starts,
         };
         // Journaled tokens the client may not have seen yet (the sink skips the rest).
         let generated = state.generated().len();
@@ -248,6 +251,12 @@ impl Actor for TaskActor {
                             .fail(format!("the journal refused writes: {err}"));
                         self.release(state);
                         myself.stop(Some("journal failure".into()));
+                    }
+                    // A newer instance owns the request (this one outlived a kill while
+                    // blocked): leave quietly, touching nothing.
+                    Err(InferenceError::Superseded(_)) => {
+                        state.device = None;
+                        myself.stop(Some("superseded".into()));
                     }
                     Err(other) => return Err(other.into()),
                 }
@@ -348,6 +357,7 @@ impl TaskActor {
             seq: self.request,
             tokens: state.tokens.clone(),
             prompt_len: state.prompt_len,
+            generation: state.generation,
             step: state.step,
             reply: myself.clone(),
         };
@@ -369,12 +379,15 @@ impl TaskActor {
         let token = sample(logits, &state.params, &state.tokens, &mut state.rng)?;
         fault_point!(TASK_STEP_POINT);
         let index = state.generated().len() as u32;
-        self.journal_with_retry(Record::Token {
-            request: self.request,
-            index,
-            token,
-            sampler_state: state.rng.state(),
-        })
+        self.journal_with_retry(
+            Record::Token {
+                request: self.request,
+                index,
+                token,
+                sampler_state: state.rng.state(),
+            },
+            state.generation,
+        )
         .await?;
         state.tokens.push(token);
 
@@ -397,6 +410,7 @@ impl TaskActor {
                 let next = EngineMsg::Next {
                     seq: self.request,
                     token,
+                    generation: state.generation,
                     step: state.step,
                     reply: myself.clone(),
                 };
@@ -423,7 +437,11 @@ impl TaskActor {
 
     /// Appends a record, retrying with exponential backoff; a journal that keeps failing
     /// fails the request (the token is never delivered un-journaled).
-    async fn journal_with_retry(&self, record: Record) -> Result<(), InferenceError> {
+    async fn journal_with_retry(
+        &self,
+        record: Record,
+        generation: u32,
+    ) -> Result<(), InferenceError> {
         let attempts = self.services.config.journal_attempts.max(1);
         let mut delay = Duration::from_millis(1);
         let mut last = None;
@@ -431,6 +449,11 @@ impl TaskActor {
             let result = {
                 let journal = self.services.journal()?;
                 let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+                // Checked under the journal lock: a newer instance reads the journal under
+                // the same lock after taking its generation, so no write slips in between.
+                if self.services.task_generation(self.request) != generation {
+                    return Err(InferenceError::Superseded(self.request));
+                }
                 journal.append(&record)
             };
             match result {
@@ -462,15 +485,24 @@ impl TaskActor {
                 reason: reason.code(),
             };
             let appended = self.services.journal().and_then(|j| {
-                j.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .append(&end)
-                    .map_err(InferenceError::from)
+                let mut j = j.lock().unwrap_or_else(|e| e.into_inner());
+                if self.services.task_generation(self.request) != state.generation {
+                    return Err(InferenceError::Superseded(self.request));
+                }
+                j.append(&end).map_err(InferenceError::from)
             });
-            if let Err(err) = appended {
+            match appended {
+                Ok(()) => {}
+                // A newer instance owns the request: end nothing, detach nothing.
+                Err(InferenceError::Superseded(_)) => {
+                    myself.stop(Some("superseded".into()));
+                    return;
+                }
                 // The tokens are durable; a missing End only means a later resume finds
                 // the request complete by its own rules and ends it then.
-                tracing::warn!(request = self.request, error = %err, "could not journal the end");
+                Err(err) => {
+                    tracing::warn!(request = self.request, error = %err, "could not journal the end")
+                }
             }
         }
         state
