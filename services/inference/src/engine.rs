@@ -374,15 +374,16 @@ impl EngineThread {
                 return Err(InferenceError::Internal("engine abandoned".into()));
             }
             sequence.kv.record_tokens(start, chunk)?;
-            let mut step = [SeqStep {
-                tokens: chunk,
-                start_pos: start,
-                kv: &mut sequence.kv,
-            }];
-            self.model
-                .model
-                .forward(&mut step)
-                .map_err(InferenceError::from)?;
+            let model = &self.model.model;
+            let kv = &mut sequence.kv;
+            // On a rayon worker: candle's CPU kernels then run without a thread hop per op.
+            llmos_models::on_cpu_pool(|| {
+                model.forward(&mut [SeqStep {
+                    tokens: chunk,
+                    start_pos: start,
+                    kv,
+                }])
+            })?;
             sequence.tokens.extend_from_slice(chunk);
         }
         sequence.tokens.push(tokens[wanted]);
@@ -406,8 +407,10 @@ impl EngineThread {
                 }
             }
         }
-        let result = {
-            let mut steps: Vec<SeqStep<'_>> = taken
+        let model = &self.model.model;
+        let batch = &mut taken;
+        let result = llmos_models::on_cpu_pool(|| {
+            let mut steps: Vec<SeqStep<'_>> = batch
                 .iter_mut()
                 .map(|(_, Sequence { kv, tokens, .. })| {
                     let start = kv.len();
@@ -420,8 +423,8 @@ impl EngineThread {
                     }
                 })
                 .collect();
-            self.model.model.forward(&mut steps)
-        };
+            model.forward(&mut steps)
+        });
         self.sequences.extend(taken);
         result
             .map_err(InferenceError::from)?
