@@ -44,6 +44,12 @@ impl Heartbeat {
         }
     }
 
+    /// A heartbeat no supervisor watches, for running blocking work outside the tree
+    /// (tools, tests). It is never abandoned.
+    pub fn detached(deadline: Duration) -> Self {
+        Self::new(deadline)
+    }
+
     /// Records that the worker is alive and busy.
     pub fn beat(&self) -> Result<(), Abandoned> {
         let nanos = u64::try_from(self.inner.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);

@@ -147,7 +147,7 @@ struct Sequence {
     kv: crate::kvpool::SeqKv,
     /// Generation of the task instance that owns the sequence now.
     generation: u32,
-    /// Tokens whose KV is in `kv` (its first `kv.len()` entries), plus the pending token.
+    /// Tokens whose KV is in `kv` (its first `kv.len()` entries), then the pending ones.
     tokens: Vec<u32>,
 }
 
@@ -261,7 +261,8 @@ impl EngineThread {
             return self.heartbeat.check().is_ok();
         }
         fault_point!(ENGINE_STEP_POINT);
-        let results = self.forward(&jobs);
+        let seqs: Vec<u64> = jobs.iter().map(|job| job.seq).collect();
+        let results = self.forward(&seqs);
         // A thread that was declared hung and woke up must not publish anything.
         if self.heartbeat.check().is_err() {
             return false;
@@ -300,7 +301,15 @@ impl EngineThread {
                 tokens.len()
             )));
         }
-        let wanted = tokens.len() - 1;
+        // KV is prepared up to `wanted`; the rest is fed by the step's forward. A request
+        // that has generated nothing feeds its whole prompt as one chunk, exactly as a
+        // replay does later: the same shapes round the same way, so recomputed KV is
+        // bit-identical to the original.
+        let wanted = if tokens.len() <= prompt_len {
+            0
+        } else {
+            tokens.len() - 1
+        };
         let mut from_pool = false;
         let mut sequence = match self.sequences.remove(&seq) {
             // Still held from before the task restarted: keep the agreeing prefix.
@@ -337,7 +346,7 @@ impl EngineThread {
         };
         // A prefix that ends inside the prompt is recomputed from the start: the prompt
         // was one chunk originally, and a shorter chunk would round differently.
-        if sequence.kv.len() < prompt_len.min(wanted) {
+        if sequence.kv.len() < prompt_len && wanted > 0 {
             sequence.kv.truncate(0);
             sequence.tokens.clear();
         }
@@ -365,7 +374,7 @@ impl EngineThread {
         while sequence.tokens.len() < wanted {
             let start = sequence.tokens.len();
             let end = if start < prompt_len {
-                prompt_len.min(wanted)
+                prompt_len
             } else {
                 start + 1
             };
@@ -386,23 +395,22 @@ impl EngineThread {
             })?;
             sequence.tokens.extend_from_slice(chunk);
         }
-        sequence.tokens.push(tokens[wanted]);
+        sequence.tokens.extend_from_slice(&tokens[wanted..]);
         self.sequences.insert(seq, sequence);
         Ok(())
     }
 
     /// One batched forward: each job's pending tokens (the prompt for a fresh sequence, one
     /// token otherwise); returns the logits after each job's last token.
-    fn forward(&mut self, jobs: &[Job]) -> Result<Vec<Vec<f32>>, InferenceError> {
-        let mut taken = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            match self.sequences.remove(&job.seq) {
-                Some(sequence) => taken.push((job.seq, sequence)),
+    fn forward(&mut self, seqs: &[u64]) -> Result<Vec<Vec<f32>>, InferenceError> {
+        let mut taken = Vec::with_capacity(seqs.len());
+        for &seq in seqs {
+            match self.sequences.remove(&seq) {
+                Some(sequence) => taken.push((seq, sequence)),
                 None => {
                     self.sequences.extend(taken);
                     return Err(InferenceError::Internal(format!(
-                        "sequence {} is not attached or appears twice in one step",
-                        job.seq
+                        "sequence {seq} is not attached or appears twice in one step"
                     )));
                 }
             }
@@ -473,4 +481,79 @@ fn maybe_hang() {
             std::thread::park();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RuntimeConfig;
+    use crate::kvpool::DevicePool;
+    use crate::services::{DeviceRuntime, KvSourceStats};
+    use llmos_device::{DeviceId, LogicalDevice};
+    use std::time::Duration;
+
+    fn argmax(logits: &[f32]) -> u32 {
+        let mut best = 0;
+        for (i, v) in logits.iter().enumerate() {
+            if *v > logits[best] {
+                best = i;
+            }
+        }
+        best as u32
+    }
+
+    /// Recomputed KV must be bit-identical to the KV of the original run: the replay
+    /// repeats the original shapes (prompt as one chunk, then one token at a time).
+    #[test]
+    fn replayed_kv_gives_bit_identical_logits() {
+        llmos_device::init_cpu_threads(2);
+        let dir = tempfile::tempdir().unwrap();
+        let model_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/models/stories260K/stories260K-f32.gguf");
+        let mut config = RuntimeConfig::new(model_path, dir.path());
+        config.kv_budget_bytes = 4 << 20;
+        let model = Arc::new(crate::models_actor::load_model(&config).unwrap());
+        let device = LogicalDevice::open(DeviceId::cpu(0)).unwrap();
+        let pool = DevicePool::open(&config, model.model.kv_shape(), device.id(), "test").unwrap();
+        let runtime = DeviceRuntime {
+            device,
+            pool,
+            kv_stats: Arc::new(KvSourceStats::default()),
+        };
+        let mut engine = EngineThread::new(
+            runtime,
+            model.clone(),
+            Heartbeat::detached(Duration::from_secs(60)),
+        );
+        let prompt = model.tokenizer.encode("Once upon a time", true).unwrap();
+        let p = prompt.len();
+
+        // The original run: the prompt, then greedy tokens one at a time.
+        let mut tokens = prompt.clone();
+        engine.attach(1, tokens.clone(), p, 1).unwrap();
+        let mut original = vec![engine.forward(&[1]).unwrap().remove(0)];
+        for _ in 0..12 {
+            let next = argmax(original.last().unwrap());
+            tokens.push(next);
+            engine.sequences.get_mut(&1).unwrap().tokens.push(next);
+            original.push(engine.forward(&[1]).unwrap().remove(0));
+        }
+
+        // A fresh sequence (nothing to restore) attached mid-way recomputes its KV.
+        for generated in [1, 5, 12] {
+            let seq = 100 + generated as u64;
+            engine
+                .attach(seq, tokens[..p + generated].to_vec(), p, 1)
+                .unwrap();
+            let replayed = engine.forward(&[seq]).unwrap().remove(0);
+            let same_bits = replayed
+                .iter()
+                .zip(&original[generated])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same_bits,
+                "logits after {generated} generated tokens differ"
+            );
+        }
+    }
 }

@@ -461,7 +461,9 @@ impl TaskActor {
                 Err(err) => {
                     tracing::warn!(request = self.request, attempt, error = %err, "journal append failed");
                     last = Some(err);
-                    if attempt + 1 < attempts {
+                    // A transient error often clears at once: the first retry is
+                    // immediate, later ones back off.
+                    if attempt > 0 && attempt + 1 < attempts {
                         tokio::time::sleep(delay).await;
                         delay *= 4;
                     }
