@@ -451,6 +451,9 @@ impl KvStore for PagedKv {
         scatter_tensor(&mut pool, seq, layer, 0, start, k, k_rows.as_deref())?;
         scatter_tensor(&mut pool, seq, layer, 1, start, v, v_rows.as_deref())?;
         seq.written[layer] = end;
+        // Positions from `start` are being rewritten: no longer complete in every layer
+        // until the next commit (otherwise a later seal would vouch for stale rows).
+        seq.len = seq.len.min(start);
         Ok(())
     }
 

@@ -32,7 +32,8 @@ impl KvShape {
 /// `k`, `v` of shape `[count, n_kv_heads, head_dim]` (f32, any device) stores positions
 /// `start..start+count`; `read(layer, len, device)` returns positions `0..len` as two
 /// tensors of shape `[len, n_kv_heads, head_dim]` on `device`. `len()` counts positions
-/// written in every layer (the forward bumps it with `commit`).
+/// written in every layer (the forward bumps it with `commit`); a write at `start` below
+/// `len()` un-commits the positions from `start` until the next `commit`.
 pub trait KvStore {
     /// The cache's shape.
     fn shape(&self) -> KvShape;
@@ -121,6 +122,8 @@ impl KvStore for ContiguousKv {
         if count != v_count {
             return Err(KvError::Shape(format!("{count} keys but {v_count} values")));
         }
+        // Rewritten positions are not complete in every layer until the next commit.
+        self.len = self.len.min(start);
         for (buf, data) in [(&mut self.keys[layer], k), (&mut self.values[layer], v)] {
             if buf.len() < start * row {
                 return Err(KvError::OutOfRange(format!(
