@@ -54,6 +54,17 @@ pub struct RequestStream {
 impl Runtime {
     /// Loads the model, opens the devices and their KV pools, and boots the tree.
     pub async fn boot(config: RuntimeConfig) -> Result<Runtime, InferenceError> {
+        Self::boot_with(config, |_| Vec::new()).await
+    }
+
+    /// Like [`Runtime::boot`], with more children under the root after the inference
+    /// services (e.g. `apps`, `control`), started in order. `extra` builds them from the
+    /// shared [`Services`]; the kernel handle is there (`Services::kernel_handle`) once
+    /// the boot has returned, so children look it up when they need it, not at start.
+    pub async fn boot_with(
+        config: RuntimeConfig,
+        extra: impl FnOnce(&Arc<Services>) -> Vec<ChildSpec>,
+    ) -> Result<Runtime, InferenceError> {
         std::fs::create_dir_all(&config.state_dir).map_err(|e| {
             InferenceError::Internal(format!(
                 "cannot create state directory {}: {e}",
@@ -74,7 +85,11 @@ impl Runtime {
         }
         let services = Arc::new(Services::new(config, devices));
         services.set_model(model);
-        let kernel = Kernel::boot("llmos", tree(&services)).await?;
+        let mut spec = tree(&services);
+        for child in extra(&services) {
+            spec = spec.child(child);
+        }
+        let kernel = Kernel::boot("llmos", spec).await?;
         services.set_kernel(kernel.clone());
         let runtime = Runtime { kernel, services };
         runtime

@@ -184,6 +184,11 @@ impl Services {
         let _ = self.kernel.set(kernel);
     }
 
+    /// The kernel of the booted tree (`None` while the boot is still running).
+    pub fn kernel_handle(&self) -> Option<&Kernel> {
+        self.kernel.get()
+    }
+
     pub(crate) fn kernel(&self) -> Result<&Kernel, InferenceError> {
         self.kernel
             .get()
