@@ -1,7 +1,7 @@
 //! Errors of the device layer.
 
 /// What went wrong with a device.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum DeviceError {
     /// The device name does not parse (`cpu:0`, `cuda:1`).
     #[error("bad device `{spec}`: {reason}")]

@@ -254,9 +254,8 @@ impl EngineThread {
             return self.heartbeat.check().is_ok();
         }
         if let Err(err) = self.runtime.device.check() {
-            let err = InferenceError::from(err);
             for job in jobs {
-                fail_job(job, InferenceError::Device(device_lost(&err)));
+                fail_job(job, InferenceError::Device(err.clone()));
             }
             return self.heartbeat.check().is_ok();
         }
@@ -443,21 +442,6 @@ impl EngineThread {
                     .map_err(|e| InferenceError::Internal(format!("logits: {e}")))
             })
             .collect()
-    }
-}
-
-fn device_lost(err: &InferenceError) -> llmos_device::DeviceError {
-    match err {
-        InferenceError::Device(llmos_device::DeviceError::Lost { device, reason }) => {
-            llmos_device::DeviceError::Lost {
-                device: device.clone(),
-                reason: reason.clone(),
-            }
-        }
-        other => llmos_device::DeviceError::Lost {
-            device: "?".into(),
-            reason: other.to_string(),
-        },
     }
 }
 

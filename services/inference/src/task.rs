@@ -109,7 +109,6 @@ pub struct TaskState {
     step: u64,
     device: Option<(DeviceId, Addr<EngineMsg>)>,
     tried: Vec<DeviceId>,
-    prefix_text: String,
     /// This instance's generation; a newer instance fences this one off.
     generation: u32,
 }
@@ -119,15 +118,9 @@ impl TaskState {
         &self.tokens[self.prompt_len..]
     }
 
-    /// The generated text, decoded in the context of the last prompt token so a leading
-    /// space survives.
+    /// The whole generated text so far.
     fn generated_text(&self) -> String {
-        let context = &self.tokens[self.prompt_len - 1..];
-        let full = self.model.tokenizer.decode(context);
-        match full.strip_prefix(self.prefix_text.as_str()) {
-            Some(rest) => rest.to_string(),
-            None => self.model.tokenizer.decode(self.generated()),
-        }
+        self.generated_text_upto(self.generated().len())
     }
 }
 
@@ -174,7 +167,6 @@ impl Actor for TaskActor {
         let prompt_len = log.prompt_tokens.len();
         let mut tokens = log.prompt_tokens.clone();
         tokens.extend_from_slice(&log.tokens);
-        let prefix_text = model.tokenizer.decode(&tokens[prompt_len - 1..prompt_len]);
         let mut state = TaskState {
             model,
             params: params.sampling,
@@ -185,7 +177,6 @@ impl Actor for TaskActor {
             step: 0,
             device: None,
             tried: Vec::new(),
-            prefix_text,
             generation: starts,
         };
         // Journaled tokens the client may not have seen yet (the sink skips the rest).
@@ -292,6 +283,21 @@ impl Actor for TaskActor {
     }
 }
 
+/// The first `count` generated tokens as text, decoded in the context of the last prompt
+/// token so a leading space survives.
+fn generated_text(model: &LoadedModel, tokens: &[u32], prompt_len: usize, count: usize) -> String {
+    let prefix = model.tokenizer.decode(&tokens[prompt_len - 1..prompt_len]);
+    let full = model
+        .tokenizer
+        .decode(&tokens[prompt_len - 1..prompt_len + count]);
+    match full.strip_prefix(prefix.as_str()) {
+        Some(rest) => rest.to_string(),
+        None => model
+            .tokenizer
+            .decode(&tokens[prompt_len..prompt_len + count]),
+    }
+}
+
 /// The text a client had been shown after `count` generated tokens.
 pub(crate) fn visible_upto(
     model: &LoadedModel,
@@ -299,34 +305,22 @@ pub(crate) fn visible_upto(
     prompt_len: usize,
     count: usize,
     stop: &[String],
+    finished: bool,
 ) -> String {
     if count == 0 {
         return String::new();
     }
-    let prefix = model.tokenizer.decode(&tokens[prompt_len - 1..prompt_len]);
-    let full = model
-        .tokenizer
-        .decode(&tokens[prompt_len - 1..prompt_len + count]);
-    let text = match full.strip_prefix(prefix.as_str()) {
-        Some(rest) => rest.to_string(),
-        None => model
-            .tokenizer
-            .decode(&tokens[prompt_len..prompt_len + count]),
-    };
-    visible(&text, stop, false).text
+    visible(
+        &generated_text(model, tokens, prompt_len, count),
+        stop,
+        false,
+    )
+    .text
 }
 
 impl TaskState {
     fn generated_text_upto(&self, count: usize) -> String {
-        let context = &self.tokens[self.prompt_len - 1..self.prompt_len + count];
-        let full = self.model.tokenizer.decode(context);
-        match full.strip_prefix(self.prefix_text.as_str()) {
-            Some(rest) => rest.to_string(),
-            None => self
-                .model
-                .tokenizer
-                .decode(&self.tokens[self.prompt_len..self.prompt_len + count]),
-        }
+        generated_text(&self.model, &self.tokens, self.prompt_len, count)
     }
 }
 
