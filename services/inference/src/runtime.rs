@@ -189,6 +189,7 @@ impl Runtime {
                 log.prompt_tokens.len(),
                 delivered as usize,
                 &params.sampling.stop,
+                false,
             );
             let (sink, events) = RequestSink::new(delivered, shown.len());
             self.services.add_sink(id, Arc::new(sink));

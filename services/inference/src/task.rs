@@ -313,7 +313,7 @@ pub(crate) fn visible_upto(
     visible(
         &generated_text(model, tokens, prompt_len, count),
         stop,
-        false,
+        finished,
     )
     .text
 }
