@@ -2,11 +2,13 @@
 //! parses the command line, sets up logging and the async runtime, and is the only place
 //! where errors become `anyhow` errors and an exit status.
 
+mod control;
 mod demo;
 mod generate;
 mod logging;
 mod model;
 mod output;
+mod serve;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -38,6 +40,12 @@ enum Command {
     /// Model tools.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Interactive console of a running server: tree, ps, top, kill, inject… (module control).
+    Repl(control::ReplArgs),
+    /// Run one console command against a running server and exit (module control).
+    Ctl(control::CtlArgs),
+    /// Serve the OpenAI-compatible HTTP API (synthesises a tiny model without --model).
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -74,6 +82,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => runtime.block_on(generate::run(args))?,
         Command::Resume(args) => runtime.block_on(generate::resume(args))?,
         Command::Model(command) => model::run(command)?,
+        Command::Repl(args) => control::repl(args)?,
+        Command::Ctl(args) => control::ctl(args, format)?,
+        Command::Serve(args) => runtime.block_on(serve::run(args))?,
     }
     Ok(())
 }

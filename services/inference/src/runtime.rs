@@ -31,7 +31,7 @@ use crate::models_actor::{load_model, ModelsActor};
 use crate::sampler::SamplingParams;
 use crate::scheduler::{SchedulerActor, SchedulerMsg, SCHEDULER_PATH};
 use crate::services::{DeviceRuntime, Services};
-use crate::sink::{RequestSink, StreamEvent};
+use crate::sink::{FinishReason, RequestSink, StreamEvent};
 use crate::task::{task_spec, visible_upto, RequestParams, REQUESTS_PATH};
 
 /// A running inference system.
@@ -206,6 +206,133 @@ impl Runtime {
         Ok(streams)
     }
 
+    /// Attaches a client to request `id` after token index `after` (`None`: from the first
+    /// token): tokens delivered earlier are replayed (from this process's sink, or from the
+    /// journal for what an earlier process delivered), then live tokens follow — each index
+    /// exactly once and in order — then the end. Works for running requests (also resumed
+    /// ones, after [`Runtime::resume_unfinished`]) and for finished requests still in the
+    /// journal (until compaction drops them). Several clients may attach to one request.
+    pub fn attach(&self, id: u64, after: Option<u32>) -> Result<RequestStream, InferenceError> {
+        let from = after.map_or(0, |a| a.saturating_add(1));
+        let (tx, events) = mpsc::unbounded_channel();
+        let mut forward = Forward { next: from, tx };
+        match self.services.sink(id) {
+            Some(sink) => {
+                // Subscribe first: whatever is delivered from now on reaches the channel,
+                // and everything before is in the history or (below `base`) the journal.
+                let subscription = sink.subscribe();
+                if from < subscription.base {
+                    let log = self
+                        .request_log(id)?
+                        .ok_or(InferenceError::UnknownRequest(id))?;
+                    for event in self.replay(id, &log, from, subscription.base as usize)? {
+                        forward.push(event);
+                    }
+                }
+                let mut open = true;
+                for event in subscription.history {
+                    open = open && forward.push(event);
+                }
+                if open {
+                    let mut live = subscription.live;
+                    tokio::spawn(async move {
+                        while let Some(event) = live.recv().await {
+                            if !forward.push(event) {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+            None => {
+                let log = self
+                    .request_log(id)?
+                    .ok_or(InferenceError::UnknownRequest(id))?;
+                if log.finished.is_none() {
+                    // Journaled but with no task here: only in the instants between `Begin`
+                    // and the sink's creation, or when a resume could not restart it.
+                    return Err(InferenceError::Internal(format!(
+                        "request {id} is not running in this process"
+                    )));
+                }
+                for event in self.replay(id, &log, from, log.tokens.len())? {
+                    forward.push(event);
+                }
+            }
+        }
+        Ok(RequestStream {
+            id,
+            already_delivered: from,
+            events,
+        })
+    }
+
+    /// Requests with a live delivery sink in this process (admitted or resumed, unfinished).
+    pub fn active_requests(&self) -> usize {
+        self.services.sink_count()
+    }
+
+    /// The journal's record of `id`, if it still holds one.
+    fn request_log(&self, id: u64) -> Result<Option<llmos_journal::RequestLog>, InferenceError> {
+        let journal = self.services.journal()?;
+        let journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(journal.request(id).cloned())
+    }
+
+    /// The events a client received for tokens `from..to` of a journaled request, text
+    /// included exactly as the task delivered it (the visible text is a pure function of
+    /// the tokens), and the end when `to` is the last token of a finished request.
+    fn replay(
+        &self,
+        id: u64,
+        log: &llmos_journal::RequestLog,
+        from: u32,
+        to: usize,
+    ) -> Result<Vec<StreamEvent>, InferenceError> {
+        let model = self.services.model()?;
+        let params: RequestParams = serde_json::from_slice(&log.params)
+            .map_err(|e| InferenceError::Corrupt(format!("request {id}: params: {e}")))?;
+        let stop = &params.sampling.stop;
+        let prompt_len = log.prompt_tokens.len();
+        let total = log.tokens.len();
+        let to = to.min(total);
+        let mut tokens = log.prompt_tokens.clone();
+        tokens.extend_from_slice(&log.tokens);
+        // The last token of a finished request was delivered with the hold-back released.
+        let shown = |count: usize| {
+            let finished = log.finished.is_some() && count == total;
+            visible_upto(&model, &tokens, prompt_len, count, stop, finished)
+        };
+        let mut events = Vec::new();
+        let mut before = shown(from as usize);
+        for index in from as usize..to {
+            let after = shown(index + 1);
+            let text = after.get(before.len()..).unwrap_or("").to_string();
+            if after.len() > before.len() {
+                before = after;
+            }
+            events.push(StreamEvent::Token {
+                index: index as u32,
+                token: log.tokens[index],
+                text,
+            });
+        }
+        if to == total {
+            match log.finished.map(FinishReason::from_code) {
+                Some(FinishReason::Error) => events.push(StreamEvent::Failed {
+                    error: format!("request {id} failed"),
+                }),
+                Some(reason) => events.push(StreamEvent::Finished {
+                    reason,
+                    prompt_tokens: prompt_len,
+                    completion_tokens: total,
+                }),
+                None => {}
+            }
+        }
+        Ok(events)
+    }
+
     /// Records that the client of `request` has received `cursor` tokens, so a resume in a
     /// new process does not repeat them.
     pub fn record_delivered(&self, request: u64, cursor: u32) -> Result<(), InferenceError> {
@@ -240,6 +367,32 @@ impl Runtime {
     async fn release(&self, request: u64) {
         if let Ok(scheduler) = self.scheduler().await {
             let _ = scheduler.cast(SchedulerMsg::Release { request }).await;
+        }
+    }
+}
+
+/// Hands one subscriber's events on in index order, from `next` on, each index once.
+struct Forward {
+    next: u32,
+    tx: mpsc::UnboundedSender<StreamEvent>,
+}
+
+impl Forward {
+    /// Forwards `event` unless it repeats an index already sent; returns whether more may
+    /// follow (false after the end or when the client has gone).
+    fn push(&mut self, event: StreamEvent) -> bool {
+        match &event {
+            StreamEvent::Token { index, .. } => {
+                if *index < self.next {
+                    return true;
+                }
+                self.next = index + 1;
+                self.tx.send(event).is_ok()
+            }
+            StreamEvent::Finished { .. } | StreamEvent::Failed { .. } => {
+                let _ = self.tx.send(event);
+                false
+            }
         }
     }
 }

@@ -166,6 +166,10 @@ impl Services {
             .cloned()
     }
 
+    pub(crate) fn sink_count(&self) -> usize {
+        self.sinks.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     pub(crate) fn add_sink(&self, request: u64, sink: Arc<RequestSink>) {
         self.sinks
             .lock()

@@ -1,5 +1,8 @@
-//! Delivery of a request's output to its client, exactly once per token index across task
-//! restarts: the sink remembers how far it delivered and ignores repeats.
+//! Delivery of a request's output to its clients, exactly once per token index across task
+//! restarts: the sink remembers how far it delivered and ignores repeats. Several clients
+//! may watch one request (a reconnecting HTTP client, a second viewer): each subscriber
+//! gets the events delivered in this process so far and then every later one, taken under
+//! one lock so nothing falls between the history and the live channel.
 
 use std::sync::Mutex;
 
@@ -69,12 +72,35 @@ struct Cursor {
     delivered: u32,
     text_sent: usize,
     done: bool,
+    /// Every event delivered by this sink, in order (tokens from `base` on, then the end):
+    /// replayed to a subscriber that attaches late.
+    history: Vec<StreamEvent>,
+    /// Live subscribers; a closed one is dropped at the next send.
+    subscribers: Vec<mpsc::UnboundedSender<StreamEvent>>,
+}
+
+impl Cursor {
+    fn send(&mut self, event: StreamEvent) {
+        self.subscribers.retain(|tx| tx.send(event.clone()).is_ok());
+        self.history.push(event);
+    }
+}
+
+/// What a subscriber attaching to a live sink gets.
+pub(crate) struct Subscription {
+    /// Tokens below this index were delivered before this sink existed (a resumed
+    /// request): they are only in the journal.
+    pub base: u32,
+    /// Events this sink delivered so far.
+    pub history: Vec<StreamEvent>,
+    /// Every later event.
+    pub live: mpsc::UnboundedReceiver<StreamEvent>,
 }
 
 /// A request's delivery channel.
 pub struct RequestSink {
     cursor: Mutex<Cursor>,
-    tx: mpsc::UnboundedSender<StreamEvent>,
+    base: u32,
 }
 
 impl RequestSink {
@@ -88,11 +114,25 @@ impl RequestSink {
                     delivered,
                     text_sent,
                     done: false,
+                    history: Vec::new(),
+                    subscribers: vec![tx],
                 }),
-                tx,
+                base: delivered,
             },
             rx,
         )
+    }
+
+    /// Attaches one more client: the history so far and a channel of what follows.
+    pub(crate) fn subscribe(&self) -> Subscription {
+        let mut cursor = self.cursor.lock().unwrap_or_else(|e| e.into_inner());
+        let (tx, live) = mpsc::unbounded_channel();
+        cursor.subscribers.push(tx);
+        Subscription {
+            base: self.base,
+            history: cursor.history.clone(),
+            live,
+        }
     }
 
     /// Tokens delivered so far.
@@ -113,7 +153,7 @@ impl RequestSink {
         let text = visible.get(cursor.text_sent..).unwrap_or("").to_string();
         cursor.text_sent = cursor.text_sent.max(visible.len());
         cursor.delivered += 1;
-        let _ = self.tx.send(StreamEvent::Token { index, token, text });
+        cursor.send(StreamEvent::Token { index, token, text });
         true
     }
 
@@ -124,7 +164,7 @@ impl RequestSink {
             return;
         }
         cursor.done = true;
-        let _ = self.tx.send(StreamEvent::Finished {
+        cursor.send(StreamEvent::Finished {
             reason,
             prompt_tokens: prompt,
             completion_tokens: completion,
@@ -136,7 +176,7 @@ impl RequestSink {
         let mut cursor = self.cursor.lock().unwrap_or_else(|e| e.into_inner());
         if !cursor.done {
             cursor.done = true;
-            let _ = self.tx.send(StreamEvent::Failed { error });
+            cursor.send(StreamEvent::Failed { error });
         }
     }
 }

@@ -1,0 +1,235 @@
+//! `/health` and `/metrics`: what the supervision tree, the devices and the journal say,
+//! plus the gateway's own counters.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use llmos_inference::Runtime;
+use llmos_kernel::{NodeSnapshot, NodeState};
+use serde_json::{json, Value};
+
+/// Gateway counters.
+pub(crate) struct Metrics {
+    started: Instant,
+    requests: AtomicU64,
+    tokens: AtomicU64,
+    http: Mutex<BTreeMap<(String, u16), u64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            requests: AtomicU64::new(0),
+            tokens: AtomicU64::new(0),
+            http: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+/// The `/health` answer.
+pub(crate) struct Health {
+    pub ok: bool,
+    pub body: Value,
+}
+
+/// Healthy means: no node of the tree failed or restarting, every device healthy, the
+/// journal open. Anything else is listed in `reasons` and answers 503.
+pub(crate) fn health(runtime: &Runtime) -> Health {
+    let mut reasons = Vec::new();
+    let snapshot = runtime.kernel().snapshot();
+    for node in snapshot.nodes() {
+        match node.state {
+            NodeState::Failed | NodeState::Restarting | NodeState::Stopped => {
+                // Finished request tasks are removed from the tree; a stopped node that is
+                // still listed is one that is not coming back.
+                reasons.push(format!("{}: {:?}", node.path, node.state).to_lowercase());
+            }
+            NodeState::Starting | NodeState::Running => {}
+        }
+    }
+    let services = runtime.services();
+    let mut devices = Vec::new();
+    for device in &services.devices {
+        let healthy = device.device.is_healthy();
+        if !healthy {
+            reasons.push(format!("device {} lost", device.device.id()));
+        }
+        devices.push(json!({ "id": device.device.id().to_string(), "healthy": healthy }));
+    }
+    let journal_open = services.journal().is_ok();
+    if !journal_open {
+        reasons.push("journal not open".into());
+    }
+    let ok = reasons.is_empty();
+    Health {
+        ok,
+        body: json!({
+            "status": if ok { "ok" } else { "unhealthy" },
+            "reasons": reasons,
+            "devices": devices,
+            "journal": if journal_open { "open" } else { "closed" },
+            "active_requests": runtime.active_requests(),
+        }),
+    }
+}
+
+impl Metrics {
+    pub(crate) fn admitted(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn token(&self) {
+        self.tokens.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_http(&self, path: &str, status: u16) {
+        // Bounded label set: known routes by name, everything else as "other".
+        let route = match path {
+            "/v1/completions" | "/v1/chat/completions" | "/v1/models" | "/health" | "/metrics" => {
+                path
+            }
+            p if p.starts_with("/v1/requests/") => "/v1/requests/{id}/events",
+            _ => "other",
+        };
+        *self
+            .http
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((route.to_string(), status))
+            .or_insert(0) += 1;
+    }
+
+    /// Prometheus text exposition.
+    pub(crate) fn render(&self, runtime: &Runtime) -> String {
+        let mut out = String::new();
+        let uptime = self.started.elapsed().as_secs_f64();
+        let tokens = self.tokens.load(Ordering::Relaxed);
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{labels} {value}");
+            }
+        };
+        let http: Vec<(String, f64)> = self
+            .http
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|((route, status), n)| {
+                (
+                    format!("{{route=\"{route}\",status=\"{status}\"}}"),
+                    *n as f64,
+                )
+            })
+            .collect();
+        metric(
+            "llmos_http_requests_total",
+            "counter",
+            "HTTP requests by route and status.",
+            &http,
+        );
+        metric(
+            "llmos_requests_total",
+            "counter",
+            "Generation requests admitted by the gateway.",
+            &[(String::new(), self.requests.load(Ordering::Relaxed) as f64)],
+        );
+        metric(
+            "llmos_tokens_total",
+            "counter",
+            "Tokens streamed or returned to clients.",
+            &[(String::new(), tokens as f64)],
+        );
+        metric(
+            "llmos_tokens_per_second",
+            "gauge",
+            "Mean tokens per second since the gateway started (use rate(llmos_tokens_total) for a window).",
+            &[(String::new(), if uptime > 0.0 { tokens as f64 / uptime } else { 0.0 })],
+        );
+        metric(
+            "llmos_queue_depth",
+            "gauge",
+            "Requests admitted and not yet finished.",
+            &[(String::new(), runtime.active_requests() as f64)],
+        );
+        let mut kv = Vec::new();
+        let mut healthy = Vec::new();
+        for device in &runtime.services().devices {
+            let id = device.device.id().to_string();
+            let stats = device.pool.stats();
+            for (state, n) in [
+                ("used", stats.used),
+                ("free", stats.free),
+                ("restorable", stats.restorable),
+                ("total", stats.total),
+            ] {
+                kv.push((format!("{{device=\"{id}\",state=\"{state}\"}}"), n as f64));
+            }
+            healthy.push((
+                format!("{{device=\"{id}\"}}"),
+                f64::from(u8::from(device.device.is_healthy())),
+            ));
+        }
+        metric(
+            "llmos_kv_blocks",
+            "gauge",
+            "KV cache blocks per device by state.",
+            &kv,
+        );
+        metric(
+            "llmos_device_healthy",
+            "gauge",
+            "1 when the device is healthy.",
+            &healthy,
+        );
+        let snapshot = runtime.kernel().snapshot();
+        let nodes: Vec<&NodeSnapshot> = snapshot.nodes();
+        let per = |f: &dyn Fn(&NodeSnapshot) -> Option<f64>| -> Vec<(String, f64)> {
+            nodes
+                .iter()
+                .filter_map(|n| f(n).map(|v| (format!("{{actor=\"{}\"}}", n.path), v)))
+                .collect()
+        };
+        metric(
+            "llmos_actor_restarts_total",
+            "counter",
+            "Restarts per actor.",
+            &per(&|n| Some(n.restarts as f64)),
+        );
+        metric(
+            "llmos_actor_failures_total",
+            "counter",
+            "Failures per actor.",
+            &per(&|n| Some(n.reliability.failures as f64)),
+        );
+        metric(
+            "llmos_actor_mtbf_seconds",
+            "gauge",
+            "Mean time between failures per actor (only actors that failed).",
+            &per(&|n| n.reliability.mtbf_secs),
+        );
+        metric(
+            "llmos_actor_mttr_seconds",
+            "gauge",
+            "Mean time to repair per actor.",
+            &per(&|n| n.reliability.mttr_secs),
+        );
+        metric(
+            "llmos_actor_availability",
+            "gauge",
+            "MTBF / (MTBF + MTTR) per actor.",
+            &per(&|n| Some(n.reliability.availability)),
+        );
+        metric(
+            "llmos_actor_messages_total",
+            "counter",
+            "Messages handled per actor.",
+            &per(&|n| Some(n.messages_handled as f64)),
+        );
+        out
+    }
+}
