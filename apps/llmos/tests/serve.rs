@@ -965,3 +965,94 @@ fn signal(pid: libc::pid_t, sig: libc::c_int) {
     let rc = unsafe { libc::kill(pid, sig) };
     assert_eq!(rc, 0, "kill({pid}, {sig})");
 }
+
+/// Runs `llmos ctl --state-dir DIR ARGS…`; returns success and stdout (or stderr).
+fn ctl(state: &Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmos"))
+        .arg("ctl")
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .output()
+        .expect("run llmos ctl");
+    let text = if out.status.success() {
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    } else {
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    (out.status.success(), text)
+}
+
+#[test]
+fn ctl_drives_a_running_server_and_a_killed_task_completes_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let request =
+        json!({"prompt": PROMPT, "max_tokens": 40, "temperature": 0.8, "seed": 5, "stream": true});
+    let reference = Server::start(&dir.path().join("reference"), &[], &[]);
+    let (_, _, mut events) = sse(&reference, "POST", "/v1/completions", &[], Some(&request));
+    let (expected, _) = tokens_of(&events.rest());
+    drop(reference);
+
+    let state = dir.path().join("state");
+    // Slow tokens down so the request is still running when it is killed.
+    let server = Server::start(&state, &[], &[("LLMOS_FAILPOINTS", "task.step=sleep(30)")]);
+    let (ok, tree) = ctl(&state, &["tree"]);
+    assert!(ok, "{tree}");
+    for actor in [
+        "journal",
+        "models",
+        "engine",
+        "pool",
+        "scheduler",
+        "requests",
+        "control",
+    ] {
+        assert!(tree.contains(actor), "tree lacks {actor}:\n{tree}");
+    }
+
+    let (status, headers, mut events) =
+        sse(&server, "POST", "/v1/completions", &[], Some(&request));
+    assert_eq!(status, 200);
+    let id = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("x-request-id"))
+        .unwrap()
+        .1
+        .clone();
+    let number: u64 = id
+        .trim_start_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .unwrap();
+    let task = format!("llmos/requests/req-{number}");
+    let mut seen = vec![events.next().expect("a first token")];
+
+    let (ok, requests) = ctl(&state, &["requests"]);
+    assert!(
+        ok && requests.contains(&format!("req-{number}")),
+        "{requests}"
+    );
+    let (ok, killed) = ctl(&state, &["kill", &task]);
+    assert!(ok, "{killed}");
+    // The next token comes from the restarted task: the restart is visible now.
+    seen.push(events.next().expect("a token after the kill"));
+    let (ok, node) = ctl(&state, &["tree", &task]);
+    assert!(ok && node.contains("restarts=1"), "{node}");
+    assert!(node.contains("killed"), "last failure shown: {node}");
+
+    seen.extend(events.rest());
+    let (tokens, _) = tokens_of(&seen);
+    assert_eq!(
+        tokens, expected,
+        "the killed request completes with the fault-free text"
+    );
+
+    let (ok, error) = ctl(&state, &["kill", "llmos/nope"]);
+    assert!(!ok && error.contains("llmos/nope"), "{error}");
+    let (ok, error) = ctl(&state, &["frobnicate"]);
+    assert!(!ok && error.contains("frobnicate"), "{error}");
+    assert!(
+        ctl(&state, &["tree"]).0,
+        "the server keeps serving its console"
+    );
+    drop(server);
+}

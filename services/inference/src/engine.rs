@@ -221,6 +221,9 @@ impl EngineThread {
                     if superseded {
                         continue;
                     }
+                    // A job already in this batch for the sequence came from the instance this
+                    // attach replaces (a task has one step outstanding at a time).
+                    jobs.retain(|job: &Job| job.seq != seq);
                     let job = Job { seq, step, reply };
                     match self.attach(seq, tokens, prompt_len, generation) {
                         Ok(()) => jobs.push(job),
