@@ -1056,3 +1056,45 @@ fn ctl_drives_a_running_server_and_a_killed_task_completes_unchanged() {
     );
     drop(server);
 }
+
+#[test]
+fn the_official_openai_python_client_works() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let have_openai = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_openai {
+        // .ci/run installs the package and sets LLMOS_REQUIRE_OPENAI, so CI never skips.
+        assert!(
+            std::env::var_os("LLMOS_REQUIRE_OPENAI").is_none(),
+            "the openai package is required (pip install openai)"
+        );
+        eprintln!("SKIPPED: python3 cannot import openai (pip install openai to run this test)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[], &[]);
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(format!("http://{}", server.addr))
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "openai client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    let completion = seen["completion"].as_str().unwrap();
+    assert!(
+        completion.starts_with(", there was a little girl named Lily."),
+        "{seen}"
+    );
+    assert_eq!(seen["streamed"], seen["completion"], "streaming gives the same text");
+    assert_eq!(seen["completion_finish"], "length");
+    assert_eq!(seen["completion_tokens"], 30);
+    assert_eq!(seen["chat_role"], "assistant");
+    assert!(!seen["chat"].as_str().unwrap().is_empty(), "{seen}");
+    assert_eq!(seen["chat_streamed"], seen["chat"], "chat streaming gives the same text");
+}
