@@ -1091,10 +1091,16 @@ fn the_official_openai_python_client_works() {
         completion.starts_with(", there was a little girl named Lily."),
         "{seen}"
     );
-    assert_eq!(seen["streamed"], seen["completion"], "streaming gives the same text");
+    assert_eq!(
+        seen["streamed"], seen["completion"],
+        "streaming gives the same text"
+    );
     assert_eq!(seen["completion_finish"], "length");
     assert_eq!(seen["completion_tokens"], 30);
     assert_eq!(seen["chat_role"], "assistant");
     assert!(!seen["chat"].as_str().unwrap().is_empty(), "{seen}");
-    assert_eq!(seen["chat_streamed"], seen["chat"], "chat streaming gives the same text");
+    assert_eq!(
+        seen["chat_streamed"], seen["chat"],
+        "chat streaming gives the same text"
+    );
 }
