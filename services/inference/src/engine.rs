@@ -179,7 +179,31 @@ impl EngineThread {
         }
     }
 
-    fn run(mut self, rx: Receiver<EngineMsg>) {
+    /// Runs the engine loop on a rayon pool of its own: candle's CPU kernels then run on
+    /// the calling worker's pool without a hand-off per step, and a hung engine parks only
+    /// its own pool's threads, never the global pool's.
+    fn run(self, rx: Receiver<EngineMsg>) {
+        let threads = std::env::var("RAYON_NUM_THREADS")
+            .ok()
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or_else(rayon::current_num_threads);
+        let name = format!("engine-{}", self.runtime.device.id());
+        match rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(move |i| format!("{name}-{i}"))
+            .build()
+        {
+            Ok(pool) => pool.install(|| self.serve(rx)),
+            // Without its own pool the engine still works, on the global one.
+            Err(err) => {
+                tracing::warn!(error = %err, "engine: no dedicated thread pool");
+                self.serve(rx)
+            }
+        }
+    }
+
+    fn serve(mut self, rx: Receiver<EngineMsg>) {
         loop {
             self.heartbeat.idle();
             let Ok(first) = rx.recv() else { return };
