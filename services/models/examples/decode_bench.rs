@@ -106,7 +106,7 @@ fn batched(model: &Model, prompt: &[u32], n: usize, b: usize) -> f64 {
 }
 
 fn main() {
-    let threads = llmos_models::init_cpu_threads(2);
+    let threads = llmos_device::init_cpu_threads(2);
     let args: Vec<String> = std::env::args().skip(1).collect();
     let tmp = tempfile::tempdir().unwrap();
     let path = match args.first().map(String::as_str) {

@@ -6,7 +6,7 @@
 //! use llmos_kv::ContiguousKv;
 //! use llmos_models::{load_gguf, SeqStep};
 //! # fn main() -> Result<(), llmos_models::ModelError> {
-//! llmos_models::init_cpu_threads(2);
+//! // First set the CPU thread count: llmos_device::init_cpu_threads(2).
 //! let loaded = load_gguf("stories260K-f32.gguf", &candle_core::Device::Cpu)?;
 //! let ids = loaded.tokenizer.encode("Once upon a time", true)?;
 //! let mut kv = ContiguousKv::new(loaded.model.kv_shape());
@@ -31,30 +31,6 @@ pub use tokenizer::Tokenizer;
 
 /// GGML storage types, for [`synth::write_gguf`].
 pub use candle_core::quantized::GgmlDType;
-
-/// Fixes the number of CPU threads candle and rayon use, once per process; returns the
-/// count in force. candle 0.11 reads `RAYON_NUM_THREADS` on every CPU matmul and, when it
-/// is unset, re-reads /proc/cpuinfo each time (about 7× slower on small models), so call
-/// this before any compute. An explicit `RAYON_NUM_THREADS` wins over `n`.
-pub fn init_cpu_threads(n: usize) -> usize {
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *THREADS.get_or_init(|| {
-        let threads = std::env::var("RAYON_NUM_THREADS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&t| t > 0)
-            .unwrap_or_else(|| {
-                let t = n.max(1);
-                std::env::set_var("RAYON_NUM_THREADS", t.to_string());
-                t
-            });
-        // Fails only when the global pool already exists (someone else sized it): fine.
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build_global();
-        threads
-    })
-}
 
 /// Runs `f` on a worker thread of rayon's global pool and waits for it. candle's CPU
 /// kernels parallelise with rayon; called from outside the pool, every kernel is handed

@@ -30,7 +30,7 @@ pub fn stories_gguf() -> PathBuf {
 
 /// Sets the thread count once per test binary (see `init_cpu_threads`).
 pub fn init() {
-    llmos_models::init_cpu_threads(2);
+    llmos_device::init_cpu_threads(2);
 }
 
 pub fn argmax(logits: &Tensor) -> u32 {
