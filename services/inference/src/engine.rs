@@ -151,7 +151,7 @@ struct Sequence {
     tokens: Vec<u32>,
 }
 
-/// One unit of work of a step: feed `feed` at `start` for `seq`, reply to `reply`.
+/// A sequence to run in this step, and where its logits (tagged with `step`) go.
 struct Job {
     seq: u64,
     step: u64,

@@ -125,8 +125,10 @@ pub fn sample(
     if logits.is_empty() {
         return Err(InferenceError::Internal("empty logits".into()));
     }
-    let mut scores: Vec<f32> = logits.to_vec();
+    // Copied only when the penalty changes scores: the common path reads the logits as is.
+    let mut scores = std::borrow::Cow::Borrowed(logits);
     if params.repetition_penalty != 1.0 {
+        let scores = scores.to_mut();
         let mut seen = vec![false; scores.len()];
         for &token in history {
             if let Some(flag) = seen.get_mut(token as usize) {

@@ -108,7 +108,6 @@ pub struct TaskState {
     sink: Arc<RequestSink>,
     step: u64,
     device: Option<(DeviceId, Addr<EngineMsg>)>,
-    tried: Vec<DeviceId>,
     /// This instance's generation; a newer instance fences this one off.
     generation: u32,
 }
@@ -176,7 +175,6 @@ impl Actor for TaskActor {
             sink,
             step: 0,
             device: None,
-            tried: Vec::new(),
             generation: starts,
         };
         // Journaled tokens the client may not have seen yet (the sink skips the rest).
@@ -343,9 +341,6 @@ impl TaskActor {
                 Some(Duration::from_secs(30)),
             )
             .await??;
-        if !state.tried.contains(&placed.0) {
-            state.tried.push(placed.0);
-        }
         state.step += 1;
         let message = EngineMsg::Attach {
             seq: self.request,
