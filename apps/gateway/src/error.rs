@@ -92,6 +92,22 @@ impl From<InferenceError> for ApiError {
     }
 }
 
+impl From<llmos_app::AppError> for ApiError {
+    fn from(err: llmos_app::AppError) -> Self {
+        match err {
+            llmos_app::AppError::Inference(e) => Self::from(e),
+            other => {
+                let mut e = Self::new(other.status(), other.code(), other.to_string());
+                if e.status == StatusCode::TOO_MANY_REQUESTS {
+                    e.kind = "rate_limit_error";
+                    e.retry_after = Some(1);
+                }
+                e
+            }
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({

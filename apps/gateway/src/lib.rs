@@ -1,7 +1,10 @@
-//! The OpenAI-compatible HTTP gateway of LLMasOS (axum on tokio) over a booted
-//! [`Runtime`]: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
-//! `GET /v1/requests/{id}/events` (resume a stream after `Last-Event-ID` / `?after=N`),
-//! `GET /health` (the tree's truth) and `GET /metrics` (Prometheus text).
+//! The HTTP front door of LLMasOS (axum on tokio). [`OpenAiApp`] is the OpenAI-compatible
+//! API as an app on the app SDK (`llmos-app`): `POST /v1/completions`,
+//! `POST /v1/chat/completions`, `GET /v1/models`, `GET /v1/requests/{id}/events` (resume a
+//! stream after `Last-Event-ID` / `?after=N`). [`front`] wraps every app's routes with the
+//! API key, a JSON 404, request counting, `GET /health` (the tree's truth: 503 with
+//! `reasons` while a node is failed or restarting, a device is lost, the journal is closed
+//! or its latest append failed, or an app was given up) and `GET /metrics` (Prometheus).
 //!
 //! Choices a client may rely on:
 //! - Request ids are the runtime's: `cmpl-N` (completions) or `chatcmpl-N` (chat), in the
@@ -14,7 +17,11 @@
 //!   request 404, invalid or unsupported parameters 422 (the split; OpenAI itself
 //!   answers 400), overload 429 with `Retry-After`, missing/wrong API key 401, no healthy
 //!   device 503. Parameters: see [`openai`].
-//! - Chat uses one default template for every model (see [`openai::chat_prompt`]).
+//! - Chat renders `messages` with the model's own chat template (GGUF
+//!   `tokenizer.chat_template`, or `chat_template` in a Hugging Face
+//!   `tokenizer_config.json`), or, for a model without one, the documented default: one
+//!   `ROLE: CONTENT` line per message, then `assistant:` (see [`openai::chat_prompt`]). A
+//!   template that refuses the messages answers 400 `chat_template_error`.
 //! - `/health` and `/metrics` need no API key (probes and scrapers).
 //! - A client that disconnects does not cancel its request: it runs to the end and stays
 //!   resumable until the journal compacts it away.
@@ -36,53 +43,170 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::Stream;
-use llmos_inference::{FinishReason, RequestStream, Runtime, StreamEvent};
-use serde_json::json;
+use llmos_app::{
+    App, AppApi, AppContext, AppError, AppHandle, AppHost, AppManifest, Completions, Generation,
+    Quotas, Reply,
+};
+use llmos_inference::{FinishReason, Runtime, StreamEvent};
+use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::metrics::Metrics;
+pub use crate::metrics::Metrics;
 use crate::openai::Kind;
 
-/// How the gateway is set up.
+/// How the HTTP front door is set up.
 #[derive(Clone, Debug, Default)]
 pub struct GatewayConfig {
-    /// Requests must carry `Authorization: Bearer KEY` when set.
+    /// Requests must carry `Authorization: Bearer KEY` when set (every route but
+    /// `/health` and `/metrics`, which probes and scrapers reach without one).
     pub api_key: Option<String>,
 }
 
+/// The name the OpenAI gateway is registered under.
+pub const OPENAI_APP: &str = "openai";
+
+/// The OpenAI-compatible API as an app on the app SDK: its routes generate through the
+/// app's [`Completions`]; its actor answers `GET /apps/openai/stats`. Served at `/` as
+/// well as `/apps/openai/`, so clients find `/v1/...` where they expect it.
+pub struct OpenAiApp {
+    metrics: Arc<Metrics>,
+}
+
+impl OpenAiApp {
+    /// The gateway app, counting into `metrics` (shared with `/metrics`).
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+/// Messages of the gateway's actor.
+pub enum OpenAiMsg {
+    /// The gateway's counters.
+    Stats(Reply<Value>),
+}
+
+impl App for OpenAiApp {
+    type Msg = OpenAiMsg;
+    type State = ();
+
+    fn manifest(&self) -> AppManifest {
+        AppManifest::new(
+            "OpenAI-compatible API: /v1/completions, /v1/chat/completions, /v1/models, /v1/requests/{id}/events",
+        )
+        .mount_root(true)
+    }
+
+    async fn start(&self, _ctx: &AppContext<OpenAiMsg>) -> Result<(), AppError> {
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _ctx: &AppContext<OpenAiMsg>,
+        message: OpenAiMsg,
+        _state: &mut (),
+    ) -> Result<(), AppError> {
+        match message {
+            OpenAiMsg::Stats(reply) => {
+                let _ = reply.send(self.metrics.counters());
+            }
+        }
+        Ok(())
+    }
+
+    fn routes(&self, api: AppApi<OpenAiMsg>) -> Router {
+        match Gateway::new(api.completions, self.metrics.clone(), Some(api.handle)) {
+            Ok(gateway) => openai_routes(gateway),
+            Err(e) => {
+                tracing::error!(error = %e.message, "the OpenAI routes cannot start");
+                Router::new()
+            }
+        }
+    }
+}
+
 struct Gateway {
-    runtime: Runtime,
-    config: GatewayConfig,
+    completions: Completions,
+    handle: Option<AppHandle<OpenAiMsg>>,
     model_id: String,
     context: usize,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
+}
+
+impl Gateway {
+    fn new(
+        completions: Completions,
+        metrics: Arc<Metrics>,
+        handle: Option<AppHandle<OpenAiMsg>>,
+    ) -> Result<Shared, ApiError> {
+        let model = completions.model().map_err(ApiError::from)?;
+        Ok(Arc::new(Gateway {
+            model_id: model.name,
+            context: model.context,
+            completions,
+            handle,
+            metrics,
+        }))
+    }
 }
 
 type Shared = Arc<Gateway>;
 
-/// The gateway's routes over `runtime`.
-pub fn router(runtime: Runtime, config: GatewayConfig) -> Result<Router, ApiError> {
-    let model = runtime.services().model()?;
-    let gateway = Arc::new(Gateway {
-        model_id: model.name.clone(),
-        context: model.context,
-        runtime,
-        config,
-        metrics: Metrics::default(),
-    });
-    let api = Router::new()
+fn openai_routes(gateway: Shared) -> Router {
+    let mut routes = Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
-        .route("/v1/requests/{id}/events", get(events))
-        .route_layer(middleware::from_fn_with_state(gateway.clone(), authorize));
-    Ok(Router::new()
-        .merge(api)
+        .route("/v1/requests/{id}/events", get(events));
+    if gateway.handle.is_some() {
+        routes = routes.route("/stats", get(stats));
+    }
+    routes.with_state(gateway)
+}
+
+/// The whole HTTP surface around the apps' routes: `/health` and `/metrics` (no key),
+/// `app_routes` behind the API key, a JSON 404 for anything else, and request counting.
+pub fn front(
+    runtime: &Runtime,
+    metrics: Arc<Metrics>,
+    apps: Option<AppHost>,
+    app_routes: Router,
+    config: GatewayConfig,
+) -> Router {
+    let system = Arc::new(System {
+        runtime: runtime.clone(),
+        metrics: metrics.clone(),
+        apps,
+    });
+    let protected = app_routes.layer(middleware::from_fn_with_state(Arc::new(config), authorize));
+    Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
+        .with_state(system)
+        .merge(protected)
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(gateway.clone(), count))
-        .with_state(gateway))
+        .layer(middleware::from_fn_with_state(metrics, count))
+}
+
+/// The OpenAI routes and `/health`, `/metrics` over `runtime` without the app host (no
+/// quotas, no actor): for embedding the gateway alone and for in-process tests.
+pub fn router(runtime: Runtime, config: GatewayConfig) -> Result<Router, ApiError> {
+    let metrics = Arc::new(Metrics::default());
+    let completions = Completions::new(OPENAI_APP, runtime.clone(), Quotas::default());
+    let gateway = Gateway::new(completions, metrics.clone(), None)?;
+    Ok(front(
+        &runtime,
+        metrics,
+        None,
+        openai_routes(gateway),
+        config,
+    ))
+}
+
+struct System {
+    runtime: Runtime,
+    metrics: Arc<Metrics>,
+    apps: Option<AppHost>,
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves; then stops accepting and
@@ -101,15 +225,19 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
-async fn count(State(gw): State<Shared>, request: Request, next: Next) -> Response {
+async fn count(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_string();
     let response = next.run(request).await;
-    gw.metrics.count_http(&path, response.status().as_u16());
+    metrics.count_http(&path, response.status().as_u16());
     response
 }
 
-async fn authorize(State(gw): State<Shared>, request: Request, next: Next) -> Response {
-    if let Some(key) = &gw.config.api_key {
+async fn authorize(
+    State(config): State<Arc<GatewayConfig>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(key) = &config.api_key {
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
@@ -160,11 +288,15 @@ async fn chat_completions(State(gw): State<Shared>, body: Bytes) -> Response {
 }
 
 async fn generate(gw: Shared, kind: Kind, body: Bytes) -> Response {
-    let parsed = match openai::parse(kind, &body, &gw.model_id, gw.context) {
+    let model = match gw.completions.runtime().services().model() {
+        Ok(model) => model,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let parsed = match openai::parse(kind, &body, &gw.model_id, gw.context, &model) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    let stream = match gw.runtime.submit(&parsed.prompt, parsed.params).await {
+    let stream = match gw.completions.submit(&parsed.prompt, parsed.params).await {
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(error = %e, "request refused");
@@ -185,10 +317,10 @@ async fn generate(gw: Shared, kind: Kind, body: Bytes) -> Response {
 }
 
 /// Collects a request's tokens into one answer.
-async fn whole(gw: &Gateway, kind: Kind, id: &str, mut stream: RequestStream) -> Response {
+async fn whole(gw: &Gateway, kind: Kind, id: &str, mut stream: Generation) -> Response {
     let mut text = String::new();
     let mut tokens = Vec::new();
-    while let Some(event) = stream.events.recv().await {
+    while let Some(event) = stream.next().await {
         match event {
             StreamEvent::Token { token, text: t, .. } => {
                 gw.metrics.token();
@@ -247,7 +379,7 @@ fn sse(
     gw: Shared,
     kind: Kind,
     id: String,
-    stream: RequestStream,
+    stream: Generation,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let created = now();
     let events = futures::stream::unfold((stream, false), move |(mut stream, done)| {
@@ -256,7 +388,7 @@ fn sse(
             if done {
                 return None;
             }
-            let event = match stream.events.recv().await {
+            let event = match stream.next().await {
                 Some(StreamEvent::Token { index, token, text }) => {
                     gw.metrics.token();
                     let head = openai::Head {
@@ -359,7 +491,7 @@ async fn events(
         }
     };
     let after = header_after.or(query_after);
-    match gw.runtime.attach(n, after) {
+    match gw.completions.attach(n, after).await {
         Ok(stream) => {
             let mut response = sse(gw.clone(), kind, kind.public_id(n), stream).into_response();
             if let Ok(value) = HeaderValue::from_str(&kind.public_id(n)) {
@@ -371,8 +503,21 @@ async fn events(
     }
 }
 
-async fn health(State(gw): State<Shared>) -> Response {
-    let report = metrics::health(&gw.runtime);
+async fn stats(State(gw): State<Shared>) -> Response {
+    let Some(handle) = &gw.handle else {
+        return not_found().await.into_response();
+    };
+    match handle
+        .call(OpenAiMsg::Stats, Some(std::time::Duration::from_secs(5)))
+        .await
+    {
+        Ok(stats) => Json(stats).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn health(State(system): State<Arc<System>>) -> Response {
+    let report = metrics::health(&system.runtime, system.apps.as_ref());
     let status = if report.ok {
         StatusCode::OK
     } else {
@@ -381,10 +526,10 @@ async fn health(State(gw): State<Shared>) -> Response {
     (status, Json(report.body)).into_response()
 }
 
-async fn metrics_text(State(gw): State<Shared>) -> Response {
+async fn metrics_text(State(system): State<Arc<System>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        gw.metrics.render(&gw.runtime),
+        system.metrics.render(&system.runtime, system.apps.as_ref()),
     )
         .into_response()
 }

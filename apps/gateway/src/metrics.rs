@@ -5,14 +5,16 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use llmos_app::AppHost;
 use llmos_inference::Runtime;
 use llmos_kernel::{NodeSnapshot, NodeState};
 use serde_json::{json, Value};
 
-/// Gateway counters.
-pub(crate) struct Metrics {
+/// The HTTP front door's counters (requests admitted, tokens sent, HTTP answers by route
+/// and status), shared by the OpenAI app and `/metrics`.
+pub struct Metrics {
     started: Instant,
     requests: AtomicU64,
     tokens: AtomicU64,
@@ -37,8 +39,9 @@ pub(crate) struct Health {
 }
 
 /// Healthy means: no node of the tree failed or restarting, every device healthy, the
-/// journal open. Anything else is listed in `reasons` and answers 503.
-pub(crate) fn health(runtime: &Runtime) -> Health {
+/// journal open and its most recent append successful. Anything else is listed in
+/// `reasons` and answers 503.
+pub(crate) fn health(runtime: &Runtime, apps: Option<&AppHost>) -> Health {
     let mut reasons = Vec::new();
     let snapshot = runtime.kernel().snapshot();
     for node in snapshot.nodes() {
@@ -64,6 +67,31 @@ pub(crate) fn health(runtime: &Runtime) -> Health {
     if !journal_open {
         reasons.push("journal not open".into());
     }
+    let appends = services.journal_health();
+    if appends.failing {
+        reasons.push(format!(
+            "journal failing: {}",
+            appends.last_error.as_deref().unwrap_or("append failed")
+        ));
+    }
+    let journal_state = match (journal_open, appends.failing) {
+        (false, _) => "closed",
+        (true, true) => "failing",
+        (true, false) => "open",
+    };
+    let last_failure_unix_ms = appends.last_failure_at.map(|at| {
+        at.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    });
+    let failure_age_secs = appends.last_failure_at.map(|at| {
+        SystemTime::now()
+            .duration_since(at)
+            .map_or(0.0, |d| d.as_secs_f64())
+    });
+    let apps_status = apps.map(AppHost::status).unwrap_or_default();
+    if let Some(apps) = apps {
+        reasons.extend(apps.health_reasons());
+    }
     let ok = reasons.is_empty();
     Health {
         ok,
@@ -71,8 +99,19 @@ pub(crate) fn health(runtime: &Runtime) -> Health {
             "status": if ok { "ok" } else { "unhealthy" },
             "reasons": reasons,
             "devices": devices,
-            "journal": if journal_open { "open" } else { "closed" },
+            "journal": {
+                "state": journal_state,
+                "consecutive_failures": appends.consecutive_failures,
+                "failures_total": appends.failures_total,
+                "last_error": appends.last_error,
+                "last_failure_unix_ms": last_failure_unix_ms,
+                "last_failure_age_seconds": failure_age_secs,
+            },
             "active_requests": runtime.active_requests(),
+            "apps": apps_status
+                .iter()
+                .map(|a| json!({"name": a.name, "state": a.state, "restarts": a.restarts}))
+                .collect::<Vec<_>>(),
         }),
     }
 }
@@ -103,8 +142,17 @@ impl Metrics {
             .or_insert(0) += 1;
     }
 
+    /// The counters as JSON (`GET /apps/openai/stats`).
+    pub(crate) fn counters(&self) -> Value {
+        json!({
+            "requests": self.requests.load(Ordering::Relaxed),
+            "tokens": self.tokens.load(Ordering::Relaxed),
+            "uptime_seconds": self.started.elapsed().as_secs_f64(),
+        })
+    }
+
     /// Prometheus text exposition.
-    pub(crate) fn render(&self, runtime: &Runtime) -> String {
+    pub(crate) fn render(&self, runtime: &Runtime, apps: Option<&AppHost>) -> String {
         let mut out = String::new();
         let uptime = self.started.elapsed().as_secs_f64();
         let tokens = self.tokens.load(Ordering::Relaxed);
@@ -149,6 +197,19 @@ impl Metrics {
             "gauge",
             "Mean tokens per second since the gateway started (use rate(llmos_tokens_total) for a window).",
             &[(String::new(), if uptime > 0.0 { tokens as f64 / uptime } else { 0.0 })],
+        );
+        let journal = runtime.services().journal_health();
+        metric(
+            "llmos_journal_append_failures_total",
+            "counter",
+            "Journal appends that failed (each retry counts; refused records do not).",
+            &[(String::new(), journal.failures_total as f64)],
+        );
+        metric(
+            "llmos_journal_failing",
+            "gauge",
+            "1 while the most recent journal append failed.",
+            &[(String::new(), f64::from(u8::from(journal.failing)))],
         );
         metric(
             "llmos_queue_depth",
@@ -229,6 +290,42 @@ impl Metrics {
             "counter",
             "Messages handled per actor.",
             &per(&|n| Some(n.messages_handled as f64)),
+        );
+        let apps = apps.map(AppHost::status).unwrap_or_default();
+        let per_app = |f: &dyn Fn(&llmos_app::AppStatus) -> f64| -> Vec<(String, f64)> {
+            apps.iter()
+                .map(|a| (format!("{{app=\"{}\"}}", a.name), f(a)))
+                .collect()
+        };
+        metric(
+            "llmos_app_up",
+            "gauge",
+            "1 while the app's actor is running (0 restarting, given up or stopped).",
+            &per_app(&|a| f64::from(u8::from(a.state == "running"))),
+        );
+        metric(
+            "llmos_app_restarts_total",
+            "counter",
+            "Restarts of each app's actor.",
+            &per_app(&|a| a.restarts as f64),
+        );
+        metric(
+            "llmos_app_requests_in_flight",
+            "gauge",
+            "Requests each app has generating now (counted against its quota).",
+            &per_app(&|a| a.usage.requests as f64),
+        );
+        metric(
+            "llmos_app_kv_blocks_reserved",
+            "gauge",
+            "KV blocks each app's running requests may need at most (its KV quota's usage).",
+            &per_app(&|a| a.usage.kv_blocks as f64),
+        );
+        metric(
+            "llmos_app_quota_refusals_total",
+            "counter",
+            "Requests each app's quotas refused.",
+            &per_app(&|a| a.usage.refused as f64),
         );
         out
     }

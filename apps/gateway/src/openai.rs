@@ -10,8 +10,18 @@
 //! repetition penalty, so mapping one onto the other would be dishonest), `logprobs`,
 //! `top_logprobs`, `echo`, `best_of` (1), `suffix`, `logit_bias`, `tools`, `functions`,
 //! `tool_choice`, `response_format` (`text` only). Any other field is ignored.
+//!
+//! Chat `messages` are checked here (roles `system`, `developer`, `user`, `assistant`;
+//! content a string or a list of text parts, joined) and rendered by
+//! [`LoadedModel::chat_prompt`]: with the model's own chat template (GGUF
+//! `tokenizer.chat_template`, or `chat_template` in a Hugging Face
+//! `tokenizer_config.json`), else with the documented default — one line `ROLE: CONTENT`
+//! per message, then `assistant:`. A template that refuses the messages (its
+//! `raise_exception`, e.g. roles that do not alternate) or fails is a 400
+//! `chat_template_error` naming `messages`.
 
-use llmos_inference::SamplingParams;
+use axum::http::StatusCode;
+use llmos_inference::{ChatMessage, LoadedModel, SamplingParams};
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
@@ -56,8 +66,15 @@ pub struct Parsed {
 }
 
 /// Parses a request body: malformed JSON is 400, a wrong field 422, an unknown model 404.
-/// `context` bounds the default `max_tokens` of chat.
-pub fn parse(kind: Kind, body: &[u8], model_id: &str, context: usize) -> Result<Parsed, ApiError> {
+/// `context` bounds the default `max_tokens` of chat; chat messages are rendered into the
+/// prompt with `model`'s chat template ([`chat_prompt`]).
+pub fn parse(
+    kind: Kind,
+    body: &[u8],
+    model_id: &str,
+    context: usize,
+    model: &LoadedModel,
+) -> Result<Parsed, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             axum::http::StatusCode::BAD_REQUEST,
@@ -87,7 +104,7 @@ pub fn parse(kind: Kind, body: &[u8], model_id: &str, context: usize) -> Result<
     refuse_unsupported(&obj)?;
     let prompt = match kind {
         Kind::Completion => completion_prompt(obj.get("prompt"))?,
-        Kind::Chat => chat_prompt(obj.get("messages"))?,
+        Kind::Chat => chat_prompt(obj.get("messages"), model)?,
     };
     let default_max = match kind {
         Kind::Completion => 16,
@@ -196,9 +213,25 @@ fn completion_prompt(value: Option<&Value>) -> Result<String, ApiError> {
     }
 }
 
-/// The default chat template (used for every model; model metadata templates are not
-/// interpreted): one line `ROLE: CONTENT` per message, then `assistant:` for the reply.
-pub fn chat_prompt(value: Option<&Value>) -> Result<String, ApiError> {
+/// The prompt of a chat request: its checked `messages` ([`chat_messages`]) rendered by
+/// [`LoadedModel::chat_prompt`] (the model's chat template, or the documented default
+/// `ROLE: CONTENT` lines then `assistant:`). A render error is 400 `chat_template_error`.
+pub fn chat_prompt(value: Option<&Value>, model: &LoadedModel) -> Result<String, ApiError> {
+    let messages = chat_messages(value)?;
+    model.chat_prompt(&messages).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "chat_template_error",
+            format!("cannot build the chat prompt: {e}"),
+        )
+        .param("messages")
+    })
+}
+
+/// The `messages` of a chat request, checked: a non-empty array of `{role, content}` with
+/// a role of `system`, `developer`, `user` or `assistant` and a string content or a list
+/// of text parts (joined). Each refusal is a 422 naming the message.
+pub fn chat_messages(value: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError> {
     let messages = match value {
         Some(Value::Array(m)) if !m.is_empty() => m,
         Some(Value::Array(_)) => {
@@ -209,7 +242,7 @@ pub fn chat_prompt(value: Option<&Value>) -> Result<String, ApiError> {
         }
         Some(_) => return Err(ApiError::invalid("messages", "messages must be an array")),
     };
-    let mut prompt = String::new();
+    let mut checked = Vec::with_capacity(messages.len());
     for (i, message) in messages.iter().enumerate() {
         let param = format!("messages[{i}]");
         let role = message
@@ -246,13 +279,12 @@ pub fn chat_prompt(value: Option<&Value>) -> Result<String, ApiError> {
                 ))
             }
         };
-        prompt.push_str(role);
-        prompt.push_str(": ");
-        prompt.push_str(&content);
-        prompt.push('\n');
+        checked.push(ChatMessage {
+            role: role.to_string(),
+            content,
+        });
     }
-    prompt.push_str("assistant:");
-    Ok(prompt)
+    Ok(checked)
 }
 
 fn uint(obj: &Map<String, Value>, name: &str) -> Result<Option<u64>, ApiError> {

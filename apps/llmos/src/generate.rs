@@ -92,7 +92,7 @@ pub struct RunArgs {
     flush: FlushPolicy,
 }
 
-fn parse_flush(text: &str) -> Result<FlushPolicy, String> {
+pub(crate) fn parse_flush(text: &str) -> Result<FlushPolicy, String> {
     match text {
         "every-token" => Ok(FlushPolicy::EveryRecord),
         "off" => Ok(FlushPolicy::Off),
@@ -215,6 +215,7 @@ fn config(
     kv_budget_mb: usize,
 ) -> Result<RuntimeConfig, GenerateError> {
     let mut config = RuntimeConfig::new(model, state_dir);
+    config.load_progress = Some(crate::progress::model_load_progress());
     config.devices = parse_device_list(devices)?;
     config.kv_budget_bytes = kv_budget_mb.saturating_mul(1 << 20);
     Ok(config)

@@ -2,12 +2,15 @@
 //! parses the command line, sets up logging and the async runtime, and is the only place
 //! where errors become `anyhow` errors and an exit status.
 
+mod apps;
+mod config;
 mod control;
 mod demo;
 mod generate;
 mod logging;
 mod model;
 mod output;
+mod progress;
 mod serve;
 
 use anyhow::Context as _;
@@ -66,7 +69,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         Format::Human
     };
-    logging::init(format).context("cannot set up logging")?;
+    // `serve --config` may set up logging, so it is read first.
+    let serve_config = match &cli.command {
+        Command::Serve(args) => Some(args.file_config()?),
+        _ => None,
+    };
+    let log_json = cli.json
+        || serve_config
+            .as_ref()
+            .and_then(|c| c.log_format)
+            .is_some_and(|f| f == config::LogFormat::Json);
+    let log_filter = serve_config.as_ref().and_then(|c| c.log_filter.clone());
+    logging::init(log_json, log_filter.as_deref()).context("cannot set up logging")?;
     // Before any thread reads the environment (see llmos_device::init_cpu_threads).
     llmos_device::init_cpu_threads(
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
@@ -84,7 +98,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model(command) => model::run(command)?,
         Command::Repl(args) => control::repl(args)?,
         Command::Ctl(args) => control::ctl(args, format)?,
-        Command::Serve(args) => runtime.block_on(serve::run(args))?,
+        Command::Serve(args) => {
+            let file = serve_config.unwrap_or_default();
+            runtime.block_on(serve::run(args, file))?
+        }
     }
     Ok(())
 }

@@ -1,11 +1,11 @@
 //! `llmos serve`: boots the inference tree, resumes the requests a previous process left
-//! unfinished in the state directory, and serves the OpenAI-compatible HTTP gateway
-//! (`llmos-gateway`) until SIGINT/SIGTERM.
+//! unfinished in the state directory, starts the enabled apps under `apps` (the OpenAI
+//! gateway among them, module `apps`) and serves their HTTP routes until SIGINT/SIGTERM.
+//! Options come from flags, then `--config FILE` (module `config`), then defaults.
 //!
-//! Without `--model` a tiny random-weight model is synthesised into the state directory,
+//! Without a model a tiny random-weight model is synthesised into the state directory,
 //! so the command works on a fresh machine with no download (its text is gibberish; pass
-//! `--model FILE.gguf` or `--model HF_DIR` for a real one). Without `--state-dir` a
-//! temporary directory is used and removed at exit: requests then do not survive a crash.
+//! `--model FILE.gguf` or `--model HF_DIR` for a real one).
 //!
 //! Shutdown: the kernel's signal handler (`Kernel::shutdown_on_signal`) owns SIGINT and
 //! SIGTERM; the listener stops accepting the moment the tree's shutdown starts, open
@@ -13,61 +13,114 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
+use llmos_app::AppHost;
 use llmos_device::parse_device_list;
-use llmos_gateway::GatewayConfig;
+use llmos_gateway::{GatewayConfig, Metrics};
 use llmos_inference::{Runtime, RuntimeConfig};
+use llmos_journal::FlushPolicy;
 use llmos_kernel::{KernelEvent, TreeExit};
 use llmos_models::synth::{self, Preset};
 use llmos_models::GgmlDType;
 
+use crate::config::FileConfig;
+use crate::generate::parse_flush;
+
 /// How long open connections (e.g. streams) may take to end once the tree has stopped.
 const GRACE: Duration = Duration::from_secs(2);
 
-/// `llmos serve`.
+/// `llmos serve`. Every option can also come from `--config FILE`; a flag wins.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// TOML configuration: the options below, plus apps, quotas, flush policy, logging
+    /// (README.md, "Configuration"). Flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Model: a GGUF file or a Hugging Face directory. Omitted: a tiny synthetic model.
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Address to listen on (loopback by default; port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    addr: SocketAddr,
-    /// State directory (journal, KV pool, control socket): requests resume from it after a
-    /// crash, and `llmos repl`/`llmos ctl` attach through it (same default).
-    #[arg(long, default_value = "llmos-state")]
-    state_dir: PathBuf,
-    /// Devices in preference order, e.g. `cpu:0,cpu:1`.
-    #[arg(long, default_value = "cpu:0")]
-    devices: String,
+    /// Address to listen on [default: 127.0.0.1:8080] (loopback; port 0 picks a free port).
+    #[arg(long)]
+    addr: Option<SocketAddr>,
+    /// State directory [default: llmos-state] (journal, KV pool, app checkpoints, control
+    /// socket): requests and apps resume from it after a crash, and `llmos repl`/`llmos
+    /// ctl` attach through it (same default).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Devices in preference order [default: cpu:0], e.g. `cpu:0,cpu:1`.
+    #[arg(long)]
+    devices: Option<String>,
     /// Require `Authorization: Bearer KEY` (also from env LLMOS_API_KEY).
     #[arg(long)]
     api_key: Option<String>,
-    /// Requests generating at once; more get 429.
-    #[arg(long, default_value_t = 64)]
-    max_active: usize,
-    /// KV-cache memory per device, MiB.
-    #[arg(long, default_value_t = 256)]
-    kv_budget_mb: usize,
+    /// Requests generating at once [default: 64]; more get 429.
+    #[arg(long)]
+    max_active: Option<usize>,
+    /// KV-cache memory per device, MiB [default: 256].
+    #[arg(long)]
+    kv_budget_mb: Option<usize>,
+    /// When journal records reach the OS [default: every-token]: `every-token`,
+    /// `interval:MS` or `off`.
+    #[arg(long, value_parser = parse_flush)]
+    flush: Option<FlushPolicy>,
+    /// Apps to run, replacing the configuration's `enabled` settings, e.g.
+    /// `openai,chat,batch` (built in: see `GET /apps`).
+    #[arg(long, value_delimiter = ',')]
+    apps: Option<Vec<String>>,
+}
+
+impl ServeArgs {
+    /// The configuration file's contents (empty without `--config`).
+    pub fn file_config(&self) -> anyhow::Result<FileConfig> {
+        match &self.config {
+            Some(path) => Ok(FileConfig::load(path)?),
+            None => Ok(FileConfig::default()),
+        }
+    }
 }
 
 /// Runs the server until a signal or the tree's failure.
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let state_dir = args.state_dir.clone();
+pub async fn run(args: ServeArgs, file: FileConfig) -> anyhow::Result<()> {
+    let state_dir = args
+        .state_dir
+        .clone()
+        .or(file.state_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("llmos-state"));
+    let addr = args
+        .addr
+        .or(file.addr)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+    let devices = args
+        .devices
+        .clone()
+        .or(file.devices.clone())
+        .unwrap_or_else(|| "cpu:0".into());
+    let flush = match (args.flush, &file.flush) {
+        (Some(flush), _) => flush,
+        (None, Some(text)) => parse_flush(text).map_err(anyhow::Error::msg)?,
+        (None, None) => FlushPolicy::EveryRecord,
+    };
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("cannot create {}", state_dir.display()))?;
-    let model = match &args.model {
-        Some(model) => model.clone(),
+    let model = match args.model.clone().or(file.model.clone()) {
+        Some(model) => model,
         None => synthesize(&state_dir)?,
     };
     let mut config = RuntimeConfig::new(&model, &state_dir);
-    config.devices = parse_device_list(&args.devices)?;
-    config.max_active = args.max_active.max(1);
-    config.kv_budget_bytes = args.kv_budget_mb.saturating_mul(1 << 20);
-    tracing::info!(model = %model.display(), devices = %args.devices, "loading the model");
+    config.devices = parse_device_list(&devices)?;
+    config.max_active = args.max_active.or(file.max_active).unwrap_or(64).max(1);
+    config.kv_budget_bytes = args
+        .kv_budget_mb
+        .or(file.kv_budget_mb)
+        .unwrap_or(256)
+        .saturating_mul(1 << 20);
+    config.flush = flush;
+    config.load_progress = Some(crate::progress::model_load_progress());
+    tracing::info!(model = %model.display(), %devices, "loading the model");
     // A second server on the same state directory would fight over the journal and the
     // control socket: refuse clearly before booting anything.
     llmos_control::check_socket_free(&state_dir)?;
@@ -75,24 +128,56 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         vec![llmos_control::control_spec(services.clone())]
     })
     .await?;
-    // Unfinished requests of an earlier process continue now; their clients reattach
-    // through /v1/requests/{id}/events, so the streams returned here are not read.
+    match serve(&runtime, &args, &file, addr).await {
+        Ok(exit) => exit,
+        Err(e) => {
+            runtime.shutdown("start-up failed").await;
+            Err(e)
+        }
+    }
+}
+
+/// Resumes unfinished requests, starts the apps and serves HTTP on a booted runtime.
+/// The outer `Result` is a start-up failure (the caller stops the tree); the inner one is
+/// how serving ended.
+async fn serve(
+    runtime: &Runtime,
+    args: &ServeArgs,
+    file: &FileConfig,
+    addr: SocketAddr,
+) -> anyhow::Result<anyhow::Result<()>> {
+    // Unfinished requests of an earlier process continue now, before the apps start, so
+    // apps re-attach to running requests; clients reattach through
+    // /v1/requests/{id}/events, so the streams returned here are not read.
     let resumed = runtime.resume_unfinished().await?;
     if !resumed.is_empty() {
         tracing::info!(count = resumed.len(), "resumed unfinished requests");
     }
     drop(resumed);
 
+    let metrics = Arc::new(Metrics::default());
+    let registry = crate::apps::registry(metrics.clone());
+    let host = AppHost::new(runtime, &registry, &file.apps, args.apps.as_deref())?;
+    host.start().await?;
+    tracing::info!(apps = ?host.names(), "apps started");
+    let app_routes = host.router()?;
+
     let api_key = args
         .api_key
         .clone()
         .or_else(|| std::env::var("LLMOS_API_KEY").ok())
+        .or(file.api_key.clone())
         .filter(|k| !k.is_empty());
-    let router = llmos_gateway::router(runtime.clone(), GatewayConfig { api_key })
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    let listener = tokio::net::TcpListener::bind(args.addr)
+    let router = llmos_gateway::front(
+        runtime,
+        metrics,
+        Some(host),
+        app_routes,
+        GatewayConfig { api_key },
+    );
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("cannot listen on {}", args.addr))?;
+        .with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
 
     let kernel = runtime.kernel().clone();
@@ -111,11 +196,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     // stdout carries the one line a script needs: where to connect.
     println!("listening on http://{local}");
-    tracing::info!(%local, "serving the OpenAI-compatible API");
+    tracing::info!(%local, "serving the OpenAI-compatible API and the apps");
     let server = llmos_gateway::serve(listener, router, stop_listening);
     let exit = tokio::select! {
         served = server => {
-            served.context("the HTTP server failed")?;
+            if let Err(e) = served {
+                return Ok(Err(anyhow::Error::new(e).context("the HTTP server failed")));
+            }
             // Every connection closed: stop the tree if the signal path has not.
             runtime.shutdown("server stopped").await;
             tree_exit.await.unwrap_or(TreeExit::Shutdown)
@@ -126,13 +213,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             exit.unwrap_or(TreeExit::Shutdown)
         }
     };
-    match exit {
+    Ok(match exit {
         TreeExit::Shutdown => {
             tracing::info!("shut down");
             Ok(())
         }
-        TreeExit::RootFailed(reason) => anyhow::bail!("the supervision tree failed: {reason}"),
-    }
+        TreeExit::RootFailed(reason) => {
+            Err(anyhow::anyhow!("the supervision tree failed: {reason}"))
+        }
+    })
 }
 
 /// Writes the tiny synthetic model into `dir` once and returns its path.

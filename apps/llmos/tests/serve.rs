@@ -79,7 +79,7 @@ fn completion_equals_llmos_run_and_models_health_metrics() {
     let health = server.request("GET", "/health", &[], None);
     assert_eq!(health.status, 200);
     assert_eq!(health.json()["status"], "ok");
-    assert_eq!(health.json()["journal"], "open");
+    assert_eq!(health.json()["journal"]["state"], "open");
 
     let metrics = server.request("GET", "/metrics", &[], None);
     assert_eq!(metrics.status, 200);

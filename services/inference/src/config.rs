@@ -1,10 +1,30 @@
 //! Configuration of the inference runtime.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use llmos_device::DeviceId;
 use llmos_journal::FlushPolicy;
+use llmos_models::LoadProgress;
+
+/// Called while the model loads: once before the first tensor, then after each tensor
+/// (see [`llmos_models::load_with_progress`]), on the booting thread. Cloning shares it.
+#[derive(Clone)]
+pub struct LoadProgressHook(pub Arc<dyn Fn(LoadProgress) + Send + Sync>);
+
+impl LoadProgressHook {
+    /// A hook calling `f`.
+    pub fn new(f: impl Fn(LoadProgress) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for LoadProgressHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoadProgressHook(..)")
+    }
+}
 
 /// How the runtime is set up.
 #[derive(Clone, Debug)]
@@ -27,6 +47,8 @@ pub struct RuntimeConfig {
     pub engine_heartbeat: Duration,
     /// Attempts of a failing journal append before the request fails.
     pub journal_attempts: u32,
+    /// Told how the model load progresses (a terminal progress line); none by default.
+    pub load_progress: Option<LoadProgressHook>,
 }
 
 impl RuntimeConfig {
@@ -42,6 +64,7 @@ impl RuntimeConfig {
             max_active: 64,
             engine_heartbeat: Duration::from_secs(10),
             journal_attempts: 4,
+            load_progress: None,
         }
     }
 }

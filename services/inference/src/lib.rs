@@ -16,13 +16,16 @@ mod sink;
 mod task;
 mod text;
 
-pub use config::RuntimeConfig;
+pub use config::{LoadProgressHook, RuntimeConfig};
 pub use engine::{EngineMsg, ENGINE_HANG_POINT, ENGINE_STEP_POINT};
 pub use error::InferenceError;
+/// Chat messages and templates of the loaded model (see [`LoadedModel::chat_prompt`]);
+/// load progress for [`RuntimeConfig::load_progress`].
+pub use llmos_models::{ChatMessage, ChatTemplate, LoadProgress};
 pub use models_actor::ModelsMsg;
-pub use runtime::{PoolMsg, RequestStream, Runtime};
+pub use runtime::{PoolMsg, RequestStream, RequestSummary, Runtime};
 pub use sampler::{sample, SamplerRng, SamplingParams};
 pub use scheduler::{engine_path, SCHEDULER_PATH};
-pub use services::{DeviceRuntime, KvSourceStats, LoadedModel, Services};
+pub use services::{DeviceRuntime, JournalHealthReport, KvSourceStats, LoadedModel, Services};
 pub use sink::{FinishReason, StreamEvent};
 pub use task::{REQUESTS_PATH, TASK_STEP_POINT};

@@ -22,10 +22,15 @@ pub struct ModelsActor {
     pub services: Arc<Services>,
 }
 
-/// Loads the configured model (GGUF file or Hugging Face directory) for the CPU.
+/// Loads the configured model (GGUF file or Hugging Face directory) for the CPU, telling
+/// the configured progress hook, if any, after each tensor.
 pub fn load_model(config: &RuntimeConfig) -> Result<LoadedModel, InferenceError> {
     let started = std::time::Instant::now();
-    let loaded = llmos_models::load(&config.model, &candle_core::Device::Cpu)?;
+    let device = candle_core::Device::Cpu;
+    let loaded = match &config.load_progress {
+        Some(hook) => llmos_models::load_with_progress(&config.model, &device, &*hook.0)?,
+        None => llmos_models::load(&config.model, &device)?,
+    };
     let name = config
         .model
         .file_name()
@@ -38,6 +43,7 @@ pub fn load_model(config: &RuntimeConfig) -> Result<LoadedModel, InferenceError>
         model: loaded.model,
         tokenizer: loaded.tokenizer,
         name,
+        chat_template: loaded.chat_template,
     })
 }
 

@@ -267,6 +267,22 @@ impl Runtime {
         })
     }
 
+    /// What the journal says about request `id` (`None` once compaction dropped it): its
+    /// size and whether it has ended. Apps use it to account a re-attached request.
+    pub fn request_summary(&self, id: u64) -> Result<Option<RequestSummary>, InferenceError> {
+        let Some(log) = self.request_log(id)? else {
+            return Ok(None);
+        };
+        let params: RequestParams = serde_json::from_slice(&log.params)
+            .map_err(|e| InferenceError::Corrupt(format!("request {id}: params: {e}")))?;
+        Ok(Some(RequestSummary {
+            prompt_tokens: log.prompt_tokens.len(),
+            max_tokens: params.sampling.max_tokens,
+            generated: log.tokens.len(),
+            finished: log.finished.is_some(),
+        }))
+    }
+
     /// Requests with a live delivery sink in this process (admitted or resumed, unfinished).
     pub fn active_requests(&self) -> usize {
         self.services.sink_count()
@@ -347,7 +363,9 @@ impl Runtime {
     fn append(&self, record: &Record) -> Result<(), InferenceError> {
         let journal = self.services.journal()?;
         let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
-        journal.append(record).map_err(InferenceError::from)
+        let result = journal.append(record);
+        self.services.note_journal_append(&result);
+        result.map_err(InferenceError::from)
     }
 
     async fn scheduler(&self) -> Result<llmos_kernel::Addr<SchedulerMsg>, InferenceError> {
@@ -369,6 +387,19 @@ impl Runtime {
             let _ = scheduler.cast(SchedulerMsg::Release { request }).await;
         }
     }
+}
+
+/// A journaled request's size and state ([`Runtime::request_summary`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestSummary {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// The request's `max_tokens`.
+    pub max_tokens: usize,
+    /// Tokens generated so far.
+    pub generated: usize,
+    /// Whether it has ended (finished or failed).
+    pub finished: bool,
 }
 
 /// Hands one subscriber's events on in index order, from `next` on, each index once.

@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::SystemTime;
 
 use llmos_device::LogicalDevice;
-use llmos_journal::Journal;
+use llmos_journal::{Journal, JournalError};
 use llmos_kernel::Kernel;
 use llmos_models::{Model, Tokenizer};
 
@@ -29,6 +30,39 @@ pub struct LoadedModel {
     pub eos: u32,
     /// A name for logs and the API (the file name).
     pub name: String,
+    /// The model's own chat template, if it has one that compiles (see
+    /// [`LoadedModel::chat_prompt`]).
+    pub chat_template: Option<llmos_models::ChatTemplate>,
+}
+
+impl LoadedModel {
+    /// The prompt of a chat: `messages` rendered with the model's chat template, or, for
+    /// a model without one, the documented default — one line `ROLE: CONTENT` per
+    /// message, then `assistant:` for the reply
+    /// ([`llmos_models::default_chat_prompt`]). A template that raises or fails is
+    /// [`InferenceError::Model`] holding `ModelError::ChatTemplate` with its message.
+    ///
+    /// [`crate::Runtime::submit`] puts the BOS token in front of every prompt, and the
+    /// tokenizer reads text as plain text (a literal `<s>` is spelled out, never the
+    /// control token). Templates usually begin with `{{ bos_token }}`, so one leading BOS
+    /// string is removed from the rendered prompt: the sequence then starts with exactly
+    /// one BOS token, as the model was trained, instead of BOS followed by the letters of
+    /// `<s>`. Special-token strings elsewhere in the prompt (an `</s>` closing an earlier
+    /// assistant turn, ChatML's `<|im_start|>`) are tokenized as plain text.
+    pub fn chat_prompt(
+        &self,
+        messages: &[llmos_models::ChatMessage],
+    ) -> Result<String, InferenceError> {
+        let template = self.chat_template.as_ref();
+        let prompt = llmos_models::render_chat(template, messages)?;
+        Ok(match template.map(|t| t.bos_token()) {
+            Some(bos) if !bos.is_empty() => match prompt.strip_prefix(bos) {
+                Some(rest) => rest.to_string(),
+                None => prompt,
+            },
+            _ => prompt,
+        })
+    }
 }
 
 /// One device with its block pool.
@@ -77,6 +111,7 @@ pub struct Services {
     kernel: OnceLock<Kernel>,
     next_request: AtomicU64,
     task_starts: Mutex<HashMap<u64, u32>>,
+    journal_health: JournalHealth,
 }
 
 impl Services {
@@ -90,6 +125,7 @@ impl Services {
             kernel: OnceLock::new(),
             next_request: AtomicU64::new(1),
             task_starts: Mutex::new(HashMap::new()),
+            journal_health: JournalHealth::default(),
         }
     }
 
@@ -158,6 +194,18 @@ impl Services {
         *self.journal.write().unwrap_or_else(|e| e.into_inner()) = journal;
     }
 
+    /// Whether journal appends are failing: the outcome of the most recent append, the
+    /// consecutive failures up to now and the last error (for `/health` and `/metrics`).
+    pub fn journal_health(&self) -> JournalHealthReport {
+        self.journal_health.report()
+    }
+
+    /// Records the outcome of one journal append (every append of the services reports
+    /// here, under the journal's lock, so outcomes are recorded in append order).
+    pub(crate) fn note_journal_append(&self, result: &Result<(), JournalError>) {
+        self.journal_health.record(result);
+    }
+
     pub(crate) fn sink(&self, request: u64) -> Option<Arc<RequestSink>> {
         self.sinks
             .lock()
@@ -210,5 +258,103 @@ impl Services {
     /// The state directory.
     pub fn state_dir(&self) -> &PathBuf {
         &self.config.state_dir
+    }
+}
+
+/// Outcomes of journal appends, so health can tell a journal that refuses writes from one
+/// that is merely open. A success costs one atomic load (and a store only right after a
+/// failure); only a failure takes the lock.
+#[derive(Debug, Default)]
+struct JournalHealth {
+    consecutive: AtomicU64,
+    total: AtomicU64,
+    last: Mutex<Option<(String, SystemTime)>>,
+}
+
+impl JournalHealth {
+    fn record(&self, result: &Result<(), JournalError>) {
+        match result {
+            Ok(()) => {
+                if self.consecutive.load(Ordering::Relaxed) != 0 {
+                    self.consecutive.store(0, Ordering::Relaxed);
+                }
+            }
+            // A record the sequence rules refuse, or one too large for the format, says
+            // nothing about the journal itself: nothing was written and it still works.
+            Err(JournalError::Rejected { .. } | JournalError::TooLarge { .. }) => {}
+            Err(err) => {
+                let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+                *last = Some((err.to_string(), SystemTime::now()));
+                self.consecutive.fetch_add(1, Ordering::Relaxed);
+                self.total.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn report(&self) -> JournalHealthReport {
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let consecutive = self.consecutive.load(Ordering::Relaxed);
+        let (last_error, last_failure_at) = last.unzip();
+        JournalHealthReport {
+            failing: consecutive > 0,
+            consecutive_failures: consecutive,
+            failures_total: self.total.load(Ordering::Relaxed),
+            last_error,
+            last_failure_at,
+        }
+    }
+}
+
+/// What journal appends have been doing ([`Services::journal_health`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct JournalHealthReport {
+    /// The most recent append failed (no append has succeeded since): the journal is
+    /// failing. A record the journal refused by its sequence rules does not count.
+    pub failing: bool,
+    /// Failed appends since the last successful one (each retry counts).
+    pub consecutive_failures: u64,
+    /// Failed appends since the runtime booted.
+    pub failures_total: u64,
+    /// The error of the most recent failed append, kept after the journal recovers.
+    pub last_error: Option<String>,
+    /// When the most recent failed append happened.
+    pub last_failure_at: Option<SystemTime>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_health_fails_until_an_append_succeeds() {
+        let health = JournalHealth::default();
+        assert_eq!(health.report(), JournalHealthReport::default());
+        health.record(&Ok(()));
+        assert!(!health.report().failing);
+        for _ in 0..2 {
+            health.record(&Err(JournalError::Injected("disk full".into())));
+        }
+        let failing = health.report();
+        assert!(failing.failing);
+        assert_eq!(failing.consecutive_failures, 2);
+        assert_eq!(failing.failures_total, 2);
+        assert_eq!(
+            failing.last_error.as_deref(),
+            Some("injected fault: disk full")
+        );
+        assert!(failing.last_failure_at.is_some());
+        // A refused record says nothing about the journal: still failing, not counted.
+        health.record(&Err(JournalError::TooLarge {
+            request: 1,
+            bytes: 2,
+            max: 1,
+        }));
+        assert_eq!(health.report().consecutive_failures, 2);
+        health.record(&Ok(()));
+        let recovered = health.report();
+        assert!(!recovered.failing);
+        assert_eq!(recovered.consecutive_failures, 0);
+        assert_eq!(recovered.failures_total, 2);
+        assert_eq!(recovered.last_error, failing.last_error);
     }
 }

@@ -443,7 +443,9 @@ impl TaskActor {
                 if self.services.task_generation(self.request) != generation {
                     return Err(InferenceError::Superseded(self.request));
                 }
-                journal.append(&record)
+                let result = journal.append(&record);
+                self.services.note_journal_append(&result);
+                result
             };
             match result {
                 Ok(()) => return Ok(()),
@@ -480,7 +482,9 @@ impl TaskActor {
                 if self.services.task_generation(self.request) != state.generation {
                     return Err(InferenceError::Superseded(self.request));
                 }
-                j.append(&end).map_err(InferenceError::from)
+                let result = j.append(&end);
+                self.services.note_journal_append(&result);
+                result.map_err(InferenceError::from)
             });
             match appended {
                 Ok(()) => {}

@@ -86,6 +86,10 @@ pub enum ModelError {
     /// outside the vocabulary, position past the context, KV shape of another model…).
     #[error("invalid forward input: {0}")]
     InvalidInput(String),
+    /// A chat template does not compile, raised an exception (`raise_exception`) or failed
+    /// while rendering.
+    #[error("chat template {0}")]
+    ChatTemplate(String),
     /// KV memory refused a reserve, write or read.
     #[error(transparent)]
     Kv(#[from] llmos_kv::KvError),

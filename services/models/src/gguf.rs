@@ -12,8 +12,11 @@ use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 
+use crate::chat::ChatTemplate;
 use crate::config::{ModelConfig, RopeLayout, SourceFormat};
 use crate::error::{ModelError, Result};
+use crate::model::{compile_template, Parts};
+use crate::progress::{LoadProgress, Tracker};
 use crate::weights::{aligned_for, to_f32, Fused, Layer, RawLinear, Weights};
 
 /// Parses the header and metadata of a GGUF file.
@@ -125,6 +128,7 @@ struct Tensors<'a> {
     content: &'a Content,
     map: &'a [u8],
     device: &'a Device,
+    tracker: &'a Tracker<'a>,
 }
 
 fn ggml_name(t: GgmlDType) -> String {
@@ -219,7 +223,7 @@ impl<'a> Tensors<'a> {
     /// A projection weight `[rows, cols]`.
     fn linear(&self, name: &str, rows: usize, cols: usize) -> Result<RawLinear<'a>> {
         let (dtype, bytes) = self.bytes(name, &[rows, cols])?;
-        Ok(match Self::is_float(dtype) {
+        let linear = match Self::is_float(dtype) {
             Some(dt) => RawLinear::Dense(to_f32(Tensor::from_raw_buffer(
                 bytes,
                 dt,
@@ -232,27 +236,26 @@ impl<'a> Tensors<'a> {
                 cols,
                 bytes: Cow::Borrowed(bytes),
             },
-        })
+        };
+        self.tracker.done(name);
+        Ok(linear)
     }
 
     /// Any tensor as a dense f32 tensor (norms, embeddings).
     fn dense(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let (dtype, bytes) = self.bytes(name, shape)?;
-        match Self::is_float(dtype) {
-            Some(dt) => Ok(to_f32(Tensor::from_raw_buffer(
-                bytes,
-                dt,
-                shape,
-                self.device,
-            )?)?),
+        let tensor = match Self::is_float(dtype) {
+            Some(dt) => to_f32(Tensor::from_raw_buffer(bytes, dt, shape, self.device)?)?,
             None => {
                 let rows = shape.iter().rev().skip(1).product();
                 let cols = *shape.last().unwrap_or(&1);
                 let q =
                     crate::weights::qtensor(dtype, rows, cols, Cow::Borrowed(bytes), self.device)?;
-                Ok(q.dequantize(self.device)?.reshape(shape)?)
+                q.dequantize(self.device)?.reshape(shape)?
             }
-        }
+        };
+        self.tracker.done(name);
+        Ok(tensor)
     }
 }
 
@@ -363,11 +366,82 @@ fn config(path: &Path, content: &Content) -> Result<ModelConfig> {
     Ok(config)
 }
 
-/// Loads a llama GGUF file: configuration, weights (on `device`) and its tokenizer.
-pub(crate) fn load(
+/// The chat template in `tokenizer.chat_template`, with BOS/EOS strings taken from
+/// `tokenizer.ggml.tokens` at the tokenizer's BOS/EOS ids.
+fn chat_template(
     path: &Path,
-    device: &Device,
-) -> Result<(ModelConfig, Weights, crate::Tokenizer)> {
+    md: &HashMap<String, Value>,
+    tokenizer: &crate::Tokenizer,
+) -> Option<ChatTemplate> {
+    let source = match md.get("tokenizer.chat_template") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => {
+            tracing::warn!(
+                target: "llmos::models",
+                source = %path.display(),
+                "tokenizer.chat_template is not a string ({:?}); ignored",
+                other.value_type()
+            );
+            None
+        }
+        None => None,
+    };
+    let token = |id: u32| match md.get("tokenizer.ggml.tokens") {
+        Some(Value::Array(a)) => match a.get(id as usize) {
+            Some(Value::String(s)) => s.clone(),
+            _ => String::new(),
+        },
+        _ => String::new(),
+    };
+    compile_template(
+        path,
+        source,
+        &token(tokenizer.bos_id()),
+        &token(tokenizer.eos_id()),
+    )
+}
+
+/// Stored bytes of tensor `name` as the header declares them (0 when absent or absurd).
+fn stored_size(content: &Content, name: &str) -> u64 {
+    content.tensor_infos.get(name).map_or(0, |info| {
+        let t = info.ggml_dtype;
+        info.shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .and_then(|n| (n / t.block_size() as u64).checked_mul(t.type_size() as u64))
+            .unwrap_or(0)
+    })
+}
+
+/// The weight tensors `load` reads for `config`.
+fn tensor_names(config: &ModelConfig, has_output: bool) -> Vec<String> {
+    let mut names = vec!["token_embd.weight".to_string()];
+    for i in 0..config.n_layers {
+        for s in [
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ] {
+            names.push(format!("blk.{i}.{s}.weight"));
+        }
+    }
+    names.push("output_norm.weight".into());
+    if has_output {
+        names.push("output.weight".into());
+    }
+    names
+}
+
+/// Loads a llama GGUF file: configuration, weights (on `device`), its tokenizer and its
+/// chat template; `progress` is called after each tensor.
+pub(crate) fn load(path: &Path, device: &Device, progress: &dyn Fn(LoadProgress)) -> Result<Parts> {
     let map = crate::mmap::map_file(path)?;
     let content = parse(path, &map)?;
     let config = config(path, &content)?;
@@ -382,11 +456,21 @@ pub(crate) fn load(
             ),
         ));
     }
+    let chat_template = chat_template(path, &content.metadata, &tokenizer);
+    let expected = tensor_names(&config, content.tensor_infos.contains_key("output.weight"))
+        .into_iter()
+        .map(|n| {
+            let size = stored_size(&content, &n);
+            (n, size)
+        })
+        .collect();
+    let tracker = Tracker::new(progress, expected);
     let t = Tensors {
         path,
         content: &content,
         map: &map,
         device,
+        tracker: &tracker,
     };
     let c = &config;
     let (dim, hd) = (c.dim, c.head_dim);
@@ -429,14 +513,16 @@ pub(crate) fn load(
         t.linear("token_embd.weight", c.vocab_size, dim)?
             .into_matmul(device)?
     };
-    Ok((
+    tracker.finish();
+    Ok(Parts {
         config,
-        Weights {
+        weights: Weights {
             embed,
             layers,
             norm,
             lm_head,
         },
         tokenizer,
-    ))
+        chat_template,
+    })
 }

@@ -1,5 +1,6 @@
 //! Hugging Face checkpoint directories (Llama family): `config.json`, one or more
-//! `*.safetensors` shards mapped read-only, and `tokenizer.json`.
+//! `*.safetensors` shards mapped read-only, `tokenizer.json`, and the chat template of
+//! `tokenizer_config.json` (or `chat_template.jinja`) when there is one.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -8,8 +9,11 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use crate::chat::ChatTemplate;
 use crate::config::{ModelConfig, RopeLayout, SourceFormat};
 use crate::error::{ModelError, Result};
+use crate::model::{compile_template, Parts};
+use crate::progress::{LoadProgress, Tracker};
 use crate::weights::{to_f32, Fused, Layer, RawLinear, Weights};
 
 /// The `config.json` fields a Llama-family model needs.
@@ -321,6 +325,14 @@ impl Shards {
         )?)
     }
 
+    /// Stored bytes of `name` (0 when absent).
+    fn stored_size(&self, name: &str) -> u64 {
+        self.route.get(name).map_or(0, |&i| {
+            let [b, e] = self.files[i].2[name].data_offsets;
+            e.saturating_sub(b) as u64
+        })
+    }
+
     fn weight_type(&self, name: &str) -> String {
         self.route
             .get(name)
@@ -329,11 +341,107 @@ impl Shards {
     }
 }
 
-/// Loads a Hugging Face Llama-family directory onto `device`.
-pub(crate) fn load(
-    dir: &Path,
-    device: &Device,
-) -> Result<(ModelConfig, Weights, crate::Tokenizer)> {
+/// A special token's text in `tokenizer_config.json`: a string, or an object whose
+/// `content` is one (an `AddedToken`).
+fn token_text(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The chat template of a checkpoint: `tokenizer_config.json`'s `chat_template` (a
+/// string, or a list of `{name, template}` objects: the one named `default`, else the
+/// first), else a `chat_template.jinja` file. BOS/EOS strings come from
+/// `tokenizer_config.json`'s `bos_token`/`eos_token`, else from the tokenizer's vocabulary.
+fn chat_template(dir: &Path, tokenizer: &crate::Tokenizer) -> Result<Option<ChatTemplate>> {
+    let config_path = dir.join("tokenizer_config.json");
+    let tc: serde_json::Value = if config_path.exists() {
+        let map = crate::mmap::map_file(&config_path)?;
+        serde_json::from_slice(&map)
+            .map_err(|e| ModelError::corrupt(&config_path, format!("not JSON: {e}")))?
+    } else {
+        serde_json::Value::Null
+    };
+    let invalid = || {
+        ModelError::corrupt(
+            &config_path,
+            "chat_template must be a string or a list of {name, template} objects",
+        )
+    };
+    let mut source = match tc.get("chat_template") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) => Some((config_path.clone(), s.clone())),
+        Some(serde_json::Value::Array(list)) => {
+            let named = |want: Option<&str>| {
+                list.iter().find(|t| {
+                    want.is_none_or(|w| t.get("name").and_then(|n| n.as_str()) == Some(w))
+                })
+            };
+            let chosen = named(Some("default")).or_else(|| named(None));
+            match chosen {
+                None => None,
+                Some(t) => Some((
+                    config_path.clone(),
+                    t.get("template")
+                        .and_then(|s| s.as_str())
+                        .ok_or_else(invalid)?
+                        .to_string(),
+                )),
+            }
+        }
+        Some(_) => return Err(invalid()),
+    };
+    let jinja = dir.join("chat_template.jinja");
+    if source.is_none() && jinja.exists() {
+        let map = crate::mmap::map_file(&jinja)?;
+        let text = std::str::from_utf8(&map)
+            .map_err(|e| ModelError::corrupt(&jinja, format!("not UTF-8: {e}")))?
+            .to_string();
+        source = Some((jinja, text));
+    }
+    let Some((origin, source)) = source else {
+        return Ok(None);
+    };
+    let special = |key: &str, id: u32| {
+        token_text(tc.get(key))
+            .or_else(|| tokenizer.token_text(id))
+            .unwrap_or_default()
+    };
+    let bos = special("bos_token", tokenizer.bos_id());
+    let eos = special("eos_token", tokenizer.eos_id());
+    Ok(compile_template(&origin, Some(source), &bos, &eos))
+}
+
+/// The weight tensors `load` reads for `config`.
+fn tensor_names(config: &ModelConfig, has_lm_head: bool) -> Vec<String> {
+    let mut names = vec!["model.embed_tokens.weight".to_string()];
+    for i in 0..config.n_layers {
+        for s in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "input_layernorm",
+            "self_attn.o_proj",
+            "post_attention_layernorm",
+            "mlp.down_proj",
+        ] {
+            names.push(format!("model.layers.{i}.{s}.weight"));
+        }
+    }
+    names.push("model.norm.weight".into());
+    if has_lm_head {
+        names.push("lm_head.weight".into());
+    }
+    names
+}
+
+/// Loads a Hugging Face Llama-family directory onto `device`; `progress` is called after
+/// each tensor.
+pub(crate) fn load(dir: &Path, device: &Device, progress: &dyn Fn(LoadProgress)) -> Result<Parts> {
     if !dir.is_dir() {
         return Err(ModelError::MissingFile { path: dir.into() });
     }
@@ -347,16 +455,30 @@ pub(crate) fn load(
         first_id(&hf.bos_token_id),
         first_id(&hf.eos_token_id),
     )?;
+    let chat_template = chat_template(dir, &tokenizer)?;
     let sh = Shards::open(dir, device)?;
+    let expected = tensor_names(&config, sh.has("lm_head.weight"))
+        .into_iter()
+        .map(|n| {
+            let size = sh.stored_size(&n);
+            (n, size)
+        })
+        .collect();
+    let tracker = Tracker::new(progress, expected);
+    let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+        let t = sh.get(name, shape)?;
+        tracker.done(name);
+        Ok(t)
+    };
     let c = &config;
     let (dim, hd) = (c.dim, c.head_dim);
     let (qd, kvd) = (c.n_heads * hd, c.n_kv_heads * hd);
-    let embed = sh.get("model.embed_tokens.weight", &[c.vocab_size, dim])?;
+    let embed = get("model.embed_tokens.weight", &[c.vocab_size, dim])?;
     let mut layers = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
         let name = |s: &str| format!("model.layers.{i}.{s}.weight");
         let lin = |s: &str, rows: usize, cols: usize| -> Result<RawLinear<'static>> {
-            Ok(RawLinear::Dense(sh.get(&name(s), &[rows, cols])?))
+            Ok(RawLinear::Dense(get(&name(s), &[rows, cols])?))
         };
         let qkv = vec![
             lin("self_attn.q_proj", qd, dim)?,
@@ -368,17 +490,17 @@ pub(crate) fn load(
             lin("mlp.up_proj", c.ffn_dim, dim)?,
         ];
         layers.push(Layer {
-            attn_norm: sh.get(&name("input_layernorm"), &[dim])?,
+            attn_norm: get(&name("input_layernorm"), &[dim])?,
             qkv: Fused::build(qkv, device)?,
             wo: lin("self_attn.o_proj", dim, qd)?.into_matmul(device)?,
-            ffn_norm: sh.get(&name("post_attention_layernorm"), &[dim])?,
+            ffn_norm: get(&name("post_attention_layernorm"), &[dim])?,
             gate_up: Fused::build(gate_up, device)?,
             down: lin("mlp.down_proj", dim, c.ffn_dim)?.into_matmul(device)?,
         });
     }
-    let norm = sh.get("model.norm.weight", &[dim])?;
+    let norm = get("model.norm.weight", &[dim])?;
     let lm_head = if sh.has("lm_head.weight") {
-        sh.get("lm_head.weight", &[c.vocab_size, dim])?
+        get("lm_head.weight", &[c.vocab_size, dim])?
     } else if c.tied_embeddings {
         embed.clone()
     } else {
@@ -401,14 +523,16 @@ pub(crate) fn load(
             ),
         ));
     }
-    Ok((
+    tracker.finish();
+    Ok(Parts {
         config,
-        Weights {
+        weights: Weights {
             embed,
             layers,
             norm,
             lm_head: candle_core::quantized::QMatMul::Tensor(lm_head),
         },
         tokenizer,
-    ))
+        chat_template,
+    })
 }

@@ -14,19 +14,23 @@
 //! # Ok(()) }
 //! ```
 
+mod chat;
 mod config;
 mod error;
 mod gguf;
 mod hf;
 mod mmap;
 mod model;
+mod progress;
 pub mod synth;
 mod tokenizer;
 mod weights;
 
+pub use chat::{default_chat_prompt, render_chat, ChatMessage, ChatTemplate};
 pub use config::{ModelConfig, RopeLayout, SourceFormat};
 pub use error::{ModelError, Result};
-pub use model::{load, load_gguf, load_hf_dir, LoadedModel, Model, SeqStep};
+pub use model::{load, load_gguf, load_hf_dir, load_with_progress, LoadedModel, Model, SeqStep};
+pub use progress::LoadProgress;
 pub use tokenizer::Tokenizer;
 
 /// GGML storage types, for [`synth::write_gguf`].
@@ -52,5 +56,6 @@ mod tests {
         send_sync::<crate::Tokenizer>();
         send_sync::<crate::LoadedModel>();
         send_sync::<crate::ModelError>();
+        send_sync::<crate::ChatTemplate>();
     }
 }

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor, D};
 use llmos_kv::{KvShape, KvStore};
 
+use crate::chat::ChatTemplate;
 use crate::config::{ModelConfig, RopeLayout};
 use crate::error::{ModelError, Result};
+use crate::progress::LoadProgress;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{FusedOut, Layer, Weights};
 
@@ -60,28 +62,70 @@ pub struct LoadedModel {
     pub model: Arc<Model>,
     /// The matching tokenizer.
     pub tokenizer: Arc<Tokenizer>,
+    /// The model's own chat template (GGUF `tokenizer.chat_template`, Hugging Face
+    /// `chat_template`), compiled, with the model's BOS/EOS strings; `None` when the model
+    /// has none, or one that does not compile (logged as a warning).
+    pub chat_template: Option<ChatTemplate>,
 }
+
+/// What a format's loader hands to [`assemble`].
+pub(crate) struct Parts {
+    pub(crate) config: ModelConfig,
+    pub(crate) weights: Weights,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) chat_template: Option<ChatTemplate>,
+}
+
+/// No progress reports.
+fn quiet(_: LoadProgress) {}
 
 /// Loads a GGUF file (llama architecture) and the tokenizer in its metadata.
 pub fn load_gguf(path: impl AsRef<Path>, device: &Device) -> Result<LoadedModel> {
-    let path = path.as_ref();
-    guarded(path, || crate::gguf::load(path, device)).and_then(|l| assemble(l, device))
+    gguf_with_progress(path.as_ref(), device, &quiet)
 }
 
-/// Loads a Hugging Face Llama-family directory (config.json, *.safetensors, tokenizer.json).
+/// Loads a Hugging Face Llama-family directory (config.json, *.safetensors, tokenizer.json,
+/// and tokenizer_config.json for the chat template when present).
 pub fn load_hf_dir(dir: impl AsRef<Path>, device: &Device) -> Result<LoadedModel> {
-    let dir = dir.as_ref();
-    guarded(dir, || crate::hf::load(dir, device)).and_then(|l| assemble(l, device))
+    hf_with_progress(dir.as_ref(), device, &quiet)
 }
 
 /// Loads a directory as a Hugging Face checkpoint and anything else as GGUF.
 pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<LoadedModel> {
+    load_with_progress(path, device, &quiet)
+}
+
+/// [`load`], calling `progress` once before the first tensor is read and after each
+/// weight tensor (GGUF or Hugging Face), on the loading thread. Counts only grow; a load
+/// that succeeds reports 100% last (`LoadProgress::is_complete`). A load that fails stops
+/// reporting where it failed.
+pub fn load_with_progress(
+    path: impl AsRef<Path>,
+    device: &Device,
+    progress: &dyn Fn(LoadProgress),
+) -> Result<LoadedModel> {
     let path = path.as_ref();
     if path.is_dir() {
-        load_hf_dir(path, device)
+        hf_with_progress(path, device, progress)
     } else {
-        load_gguf(path, device)
+        gguf_with_progress(path, device, progress)
     }
+}
+
+fn gguf_with_progress(
+    path: &Path,
+    device: &Device,
+    progress: &dyn Fn(LoadProgress),
+) -> Result<LoadedModel> {
+    guarded(path, || crate::gguf::load(path, device, progress)).and_then(|l| assemble(l, device))
+}
+
+fn hf_with_progress(
+    dir: &Path,
+    device: &Device,
+    progress: &dyn Fn(LoadProgress),
+) -> Result<LoadedModel> {
+    guarded(dir, || crate::hf::load(dir, device, progress)).and_then(|l| assemble(l, device))
 }
 
 /// Runs a loader so that a panic deep in a dependency on a malformed file is an error,
@@ -100,10 +144,37 @@ fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
     })
 }
 
-fn assemble(
-    (config, weights, tokenizer): (ModelConfig, Weights, Tokenizer),
-    device: &Device,
-) -> Result<LoadedModel> {
+/// Compiles a chat template found in a model's metadata. One that does not compile is
+/// logged and dropped (the model then gets the default chat prompt): a template is an
+/// optional extra, and the model stays usable for completions.
+pub(crate) fn compile_template(
+    path: &Path,
+    source: Option<String>,
+    bos: &str,
+    eos: &str,
+) -> Option<ChatTemplate> {
+    let source = source?;
+    match ChatTemplate::new(source, bos, eos) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(
+                target: "llmos::models",
+                source = %path.display(),
+                error = %e,
+                "the model's chat template is unusable; chat requests get the default prompt"
+            );
+            None
+        }
+    }
+}
+
+fn assemble(parts: Parts, device: &Device) -> Result<LoadedModel> {
+    let Parts {
+        config,
+        weights,
+        tokenizer,
+        chat_template,
+    } = parts;
     let model = Model::new(config, weights, device)?;
     tracing::info!(
         target: "llmos::models",
@@ -112,11 +183,13 @@ fn assemble(
         layers = model.config.n_layers,
         dim = model.config.dim,
         weights = %model.config.weight_type,
+        chat_template = if chat_template.is_some() { "model" } else { "default" },
         "model loaded"
     );
     Ok(LoadedModel {
         model: Arc::new(model),
         tokenizer: Arc::new(tokenizer),
+        chat_template,
     })
 }
 

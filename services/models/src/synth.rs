@@ -280,7 +280,29 @@ pub fn write_gguf(
     dtype: GgmlDType,
     seed: u64,
 ) -> Result<()> {
-    let path = path.as_ref();
+    write_gguf_inner(path.as_ref(), preset, dtype, seed, None)
+}
+
+/// [`write_gguf`] with a chat template in the metadata (`tokenizer.chat_template`), so
+/// that loading it gives a [`crate::ChatTemplate`] (BOS `<s>`, EOS `</s>`). The template
+/// is stored as given, compiled or not.
+pub fn write_gguf_with_template(
+    path: impl AsRef<Path>,
+    preset: &Preset,
+    dtype: GgmlDType,
+    seed: u64,
+    chat_template: &str,
+) -> Result<()> {
+    write_gguf_inner(path.as_ref(), preset, dtype, seed, Some(chat_template))
+}
+
+fn write_gguf_inner(
+    path: &Path,
+    preset: &Preset,
+    dtype: GgmlDType,
+    seed: u64,
+    chat_template: Option<&str>,
+) -> Result<()> {
     preset.check()?;
     let block = dtype.block_size();
     for cols in [preset.dim, preset.ffn_dim] {
@@ -306,7 +328,7 @@ pub fn write_gguf(
     }
     let p = preset;
     let u32v = |x: usize| Value::U32(x as u32);
-    let metadata: Vec<(&str, Value)> = vec![
+    let mut metadata: Vec<(&str, Value)> = vec![
         ("general.architecture", Value::String("llama".into())),
         (
             "general.name",
@@ -341,6 +363,9 @@ pub fn write_gguf(
         ("tokenizer.ggml.bos_token_id", Value::U32(1)),
         ("tokenizer.ggml.eos_token_id", Value::U32(2)),
     ];
+    if let Some(template) = chat_template {
+        metadata.push(("tokenizer.chat_template", Value::String(template.into())));
+    }
     let md_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = qtensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
     let file = std::fs::File::create(path).map_err(io_err(path))?;

@@ -165,6 +165,15 @@ impl Tokenizer {
         self.pieces.len()
     }
 
+    /// The vocabulary's spelling of token `id` (`<s>`, `<|begin_of_text|>`…) where the
+    /// backend keeps it (tokenizer.json), for templates that need a special token's text.
+    pub(crate) fn token_text(&self, id: u32) -> Option<String> {
+        match &self.backend {
+            Backend::Hf(hf) => hf.id_to_token(id),
+            Backend::Spm(_) => None,
+        }
+    }
+
     /// The file the tokenizer was read from.
     pub fn source(&self) -> &Path {
         &self.source
