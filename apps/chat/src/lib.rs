@@ -8,14 +8,16 @@
 //! - `POST /sessions/{id}/messages` `{"content", "max_tokens"?}` → the assistant's reply.
 //!
 //! How it survives crashes: a session is one checkpoint (`AppStore`). A turn is
-//! checkpointed as *pending* with the user's message before its request is submitted,
-//! and again with the runtime's request id right after; the runtime journals every token.
+//! checkpointed as *pending* with the user's message before its request is submitted
+//! (keyed by session and turn, so a resubmission finds it), and again with the runtime's
+//! request id right after; the runtime journals every token.
 //! When the turn ends, the history gains the user's message and the reply, and the
 //! pending mark goes, in one checkpoint. A new instance (after a crash of the app or of
 //! the process) re-attaches to a pending turn's request by id and finishes the turn with
-//! the same text; a turn whose request never got submitted is submitted then. A client
-//! waiting on `POST …/messages` while the app restarts still gets its reply: the route
-//! waits for the turn again through the app's stable handle.
+//! the same text; a turn whose id was not checkpointed is submitted again by its key,
+//! which finds the journaled request if there is one. A client waiting on
+//! `POST …/messages` while the app restarts still gets its reply: the route waits for the
+//! turn again through the app's stable handle.
 //!
 //! The prompt is the model's chat template over the system message, the history and the
 //! new message; when that would not fit the context with room for `max_tokens`, the
@@ -470,7 +472,10 @@ async fn submit(
         seed: session.params.seed,
         ..SamplingParams::default()
     };
-    let generation = completions.submit(&prompt, params).await?;
+    // Keyed: if this instance dies inside the submit, its successor finds the journaled
+    // request by the key and re-attaches instead of submitting the turn twice.
+    let key = format!("{}-turn-{}", session.id, pending.turn);
+    let generation = completions.submit_keyed(&key, &prompt, params).await?;
     let request = generation.id;
     if let Some(p) = session.pending.as_mut() {
         p.request = Some(request);

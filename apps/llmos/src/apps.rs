@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use llmos_app::AppRegistry;
+use llmos_app_batch::BatchApp;
 use llmos_app_chat::ChatApp;
 use llmos_gateway::{Metrics, OpenAiApp, OPENAI_APP};
 
@@ -14,5 +15,6 @@ pub fn registry(metrics: Arc<Metrics>) -> AppRegistry {
         Ok(OpenAiApp::new(metrics.clone()))
     });
     registry.register(llmos_app_chat::NAME, false, ChatApp::from_settings);
+    registry.register("batch", false, BatchApp::from_settings);
     registry
 }

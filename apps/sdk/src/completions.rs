@@ -1,6 +1,7 @@
 //! How an app generates text: submit or re-attach requests through the runtime, under the
 //! app's quotas, and read them as a stream of tokens or as one finished completion.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -28,12 +29,18 @@ struct Inner {
     usage: Mutex<Usage>,
     submitted: AtomicU64,
     refused: AtomicU64,
+    /// Keyed submissions look up, then submit; one at a time, so a key cannot race itself.
+    keyed: tokio::sync::Mutex<()>,
 }
 
+/// What the app's requests hold. A request counts once however many streams (of this
+/// instance, of a dead one still draining, of a successor that re-attached) hold it.
 #[derive(Default)]
 struct Usage {
     requests: usize,
     kv_blocks: usize,
+    /// Request id → (its KV blocks, leases holding it).
+    by_request: HashMap<u64, (usize, usize)>,
 }
 
 /// What an app holds now and has done, for `GET /apps` and metrics.
@@ -70,6 +77,7 @@ impl Completions {
                 usage: Mutex::new(Usage::default()),
                 submitted: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
+                keyed: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -128,17 +136,57 @@ impl Completions {
 
     /// Starts generating a continuation of `prompt`. The request is journaled before this
     /// returns: from then on its id names it across crashes of the app and of the process
-    /// (checkpoint the id, then [`Completions::attach`] after a restart).
+    /// (checkpoint the id, then [`Completions::attach`] after a restart). If the caller
+    /// is cancelled (its actor killed) after admission, the request still starts but its
+    /// id is lost to the caller: use [`Completions::submit_keyed`] when that matters.
     pub async fn submit(
         &self,
         prompt: &str,
         params: SamplingParams,
     ) -> Result<Generation, AppError> {
         let blocks = self.blocks_for(prompt, params.max_tokens);
-        let lease = self.lease(blocks)?;
+        let mut lease = self.lease(blocks)?;
         let stream = self.inner.runtime.submit(prompt, params).await?;
         self.inner.submitted.fetch_add(1, Ordering::Relaxed);
+        lease.bind(stream.id);
         Ok(Generation::new(stream, Some(lease)))
+    }
+
+    /// Exactly-once submission by an app-chosen `key` (unique within the app, e.g.
+    /// `session-7-turn-3`): if a request with this key is in the journal — submitted by an
+    /// earlier instance, an earlier process, or a call that was cancelled half-way — this
+    /// re-attaches to it from its first token instead of submitting again. The key is
+    /// journaled with the request, atomically with its `Begin`, so there is no window in
+    /// which a crash loses it. Keys are found while the journal holds the request
+    /// (finished ones until compaction, every 30 s).
+    pub async fn submit_keyed(
+        &self,
+        key: &str,
+        prompt: &str,
+        params: SamplingParams,
+    ) -> Result<Generation, AppError> {
+        let tag = format!("app:{}:{key}", self.inner.app);
+        let _one_at_a_time = self.inner.keyed.lock().await;
+        if let Some(id) = self.inner.runtime.find_tagged(&tag)? {
+            return self.attach(id, None).await;
+        }
+        let blocks = self.blocks_for(prompt, params.max_tokens);
+        let mut lease = self.lease(blocks)?;
+        let stream = self
+            .inner
+            .runtime
+            .submit_tagged(prompt, params, Some(tag))
+            .await?;
+        self.inner.submitted.fetch_add(1, Ordering::Relaxed);
+        lease.bind(stream.id);
+        Ok(Generation::new(stream, Some(lease)))
+    }
+
+    /// The request submitted with `key` by [`Completions::submit_keyed`], if the journal
+    /// still holds it.
+    pub fn find_keyed(&self, key: &str) -> Result<Option<u64>, AppError> {
+        let tag = format!("app:{}:{key}", self.inner.app);
+        Ok(self.inner.runtime.find_tagged(&tag)?)
     }
 
     /// Generates and waits for the whole completion.
@@ -163,7 +211,7 @@ impl Completions {
         let lease = if summary.finished {
             None
         } else {
-            Some(self.lease_unchecked(self.blocks(summary.prompt_tokens, summary.max_tokens)))
+            Some(self.lease_request(id, self.blocks(summary.prompt_tokens, summary.max_tokens)))
         };
         let stream = self.inner.runtime.attach(id, after)?;
         Ok(Generation::new(stream, lease))
@@ -219,33 +267,86 @@ impl Completions {
         usage.kv_blocks += blocks;
         Ok(Lease {
             inner: self.inner.clone(),
-            blocks,
+            share: Share::Reserved(blocks),
         })
     }
 
-    /// A lease beyond the limits: re-attached work is already running and must be counted.
-    fn lease_unchecked(&self, blocks: usize) -> Lease {
+    /// A lease on a running request, beyond the limits (re-attached work is already
+    /// running and must be counted), shared with any other lease on the same request.
+    fn lease_request(&self, id: u64, blocks: usize) -> Lease {
         let mut usage = self.inner.usage.lock().unwrap_or_else(|e| e.into_inner());
-        usage.requests += 1;
-        usage.kv_blocks += blocks;
+        let usage = &mut *usage;
+        match usage.by_request.get_mut(&id) {
+            Some((_, holders)) => *holders += 1,
+            None => {
+                usage.by_request.insert(id, (blocks, 1));
+                usage.requests += 1;
+                usage.kv_blocks += blocks;
+            }
+        }
         Lease {
             inner: self.inner.clone(),
-            blocks,
+            share: Share::Request(id),
         }
     }
 }
 
-/// One request's share of its app's quotas, returned when the request ends.
+/// One holder's part in its app's quota usage, returned when dropped.
 struct Lease {
     inner: Arc<Inner>,
-    blocks: usize,
+    share: Share,
+}
+
+enum Share {
+    /// Counted before the request had an id (between the quota check and the submit).
+    Reserved(usize),
+    /// The share of request `id` (counted once, however many leases hold it).
+    Request(u64),
+}
+
+impl Lease {
+    /// The reservation becomes request `id`'s share.
+    fn bind(&mut self, id: u64) {
+        let Share::Reserved(blocks) = self.share else {
+            return;
+        };
+        let mut usage = self.inner.usage.lock().unwrap_or_else(|e| e.into_inner());
+        let usage = &mut *usage;
+        match usage.by_request.get_mut(&id) {
+            Some((_, holders)) => {
+                // Someone re-attached first: the request is already counted.
+                *holders += 1;
+                usage.requests = usage.requests.saturating_sub(1);
+                usage.kv_blocks = usage.kv_blocks.saturating_sub(blocks);
+            }
+            None => {
+                usage.by_request.insert(id, (blocks, 1));
+            }
+        }
+        self.share = Share::Request(id);
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut usage = self.inner.usage.lock().unwrap_or_else(|e| e.into_inner());
+        let usage = &mut *usage;
+        let blocks = match self.share {
+            Share::Reserved(blocks) => blocks,
+            Share::Request(id) => match usage.by_request.get_mut(&id) {
+                Some((_, holders)) if *holders > 1 => {
+                    *holders -= 1;
+                    return;
+                }
+                Some(&mut (blocks, _)) => {
+                    usage.by_request.remove(&id);
+                    blocks
+                }
+                None => return,
+            },
+        };
         usage.requests = usage.requests.saturating_sub(1);
-        usage.kv_blocks = usage.kv_blocks.saturating_sub(self.blocks);
+        usage.kv_blocks = usage.kv_blocks.saturating_sub(blocks);
     }
 }
 

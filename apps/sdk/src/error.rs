@@ -60,6 +60,15 @@ pub enum AppError {
     /// A client sent something the app cannot accept (HTTP 400).
     #[error("{0}")]
     BadRequest(String),
+    /// A request field has a value out of range or of the wrong kind (HTTP 422, with the
+    /// field as the error body's `param`).
+    #[error("{field}: {message}")]
+    InvalidField {
+        /// The field, e.g. `prompts[3]`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
     /// A client asked for something that does not exist (HTTP 404).
     #[error("{0}")]
     NotFound(String),
@@ -93,6 +102,7 @@ impl AppError {
             },
             AppError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AppError::BadRequest(_) | AppError::BadKey(_) => StatusCode::BAD_REQUEST,
+            AppError::InvalidField { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
             AppError::GenerationFailed { .. }
             | AppError::Checkpoint { .. }
@@ -116,6 +126,7 @@ impl AppError {
             AppError::Unavailable { .. } => "app_unavailable",
             AppError::Checkpoint { .. } => "checkpoint_failed",
             AppError::BadKey(_) | AppError::BadRequest(_) => "bad_request",
+            AppError::InvalidField { .. } => "invalid_parameter",
             AppError::NotFound(_) => "not_found",
             AppError::Config(_) => "app_config",
             AppError::Failed(_) => "app_failed",
@@ -133,8 +144,12 @@ impl IntoResponse for AppError {
         } else {
             "invalid_request_error"
         };
+        let param = match &self {
+            AppError::InvalidField { field, .. } => Some(field.clone()),
+            _ => None,
+        };
         let body = json!({
-            "error": { "message": self.to_string(), "type": kind, "code": self.code(), "param": null }
+            "error": { "message": self.to_string(), "type": kind, "code": self.code(), "param": param }
         });
         let mut response = (status, axum::Json(body)).into_response();
         if status == StatusCode::TOO_MANY_REQUESTS {

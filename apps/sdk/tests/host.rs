@@ -299,3 +299,60 @@ async fn checkpoint_and_handler_faults_are_errors_that_clear() {
     assert_eq!(app.call(ProbeMsg::Starts, None).await.unwrap(), 2);
     runtime.shutdown("test over").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_submission_is_exactly_once_across_instances_and_processes() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = boot(dir.path()).await;
+    let first = Completions::new("keyed", runtime.clone(), Quotas::default());
+    let submitted = first
+        .submit_keyed("job-1-item-0", "Once upon a time", params(30))
+        .await
+        .unwrap();
+    let id = submitted.id;
+    // A successor (another Completions of the same app) finds it by key: one request,
+    // counted once however many streams hold it.
+    let again = first
+        .submit_keyed("job-1-item-0", "Once upon a time", params(30))
+        .await
+        .unwrap();
+    assert_eq!(again.id, id);
+    assert_eq!(first.usage().submitted, 1);
+    assert_eq!(first.usage().requests, 1, "one share per request");
+    let other_key = first
+        .submit_keyed("job-1-item-1", "Once upon a time", params(30))
+        .await
+        .unwrap();
+    assert_ne!(other_key.id, id);
+    let expected = submitted.collect().await.unwrap();
+    assert_eq!(again.collect().await.unwrap().text, expected.text);
+    other_key.collect().await.unwrap();
+    // Keys are per app.
+    assert_eq!(
+        Completions::new("another", runtime.clone(), Quotas::default())
+            .find_keyed("job-1-item-0")
+            .unwrap(),
+        None
+    );
+    runtime.shutdown("test over").await;
+
+    // A new process on the same state directory (another logical device: the old pool
+    // file is released asynchronously) finds the finished request by its key.
+    llmos_device::init_cpu_threads(2);
+    let mut config = RuntimeConfig::new(model(), dir.path());
+    config.kv_budget_bytes = 8 << 20;
+    config.devices = vec![llmos_device::DeviceId::cpu(1)];
+    let runtime = Runtime::boot(config).await.expect("boot again");
+    runtime.resume_unfinished().await.unwrap();
+    let successor = Completions::new("keyed", runtime.clone(), Quotas::default());
+    assert_eq!(successor.find_keyed("job-1-item-0").unwrap(), Some(id));
+    let replayed = successor
+        .submit_keyed("job-1-item-0", "Once upon a time", params(30))
+        .await
+        .unwrap();
+    assert_eq!(replayed.id, id);
+    assert_eq!(replayed.collect().await.unwrap().text, expected.text);
+    assert_eq!(successor.usage().submitted, 0, "nothing submitted again");
+    runtime.shutdown("test over").await;
+}

@@ -117,6 +117,23 @@ impl Runtime {
         prompt: &str,
         params: SamplingParams,
     ) -> Result<RequestStream, InferenceError> {
+        self.submit_tagged(prompt, params, None).await
+    }
+
+    /// [`Runtime::submit`] with an idempotency `tag` journaled in the request's `Begin`:
+    /// [`Runtime::find_tagged`] finds the request by it later, also in a new process, so
+    /// a submitter that crashed without learning the id re-attaches instead of
+    /// submitting twice.
+    ///
+    /// Cancel-safe once admitted: journaling `Begin` and starting the task run to the end
+    /// on their own even if the caller's future is dropped (as when the calling actor is
+    /// killed), so a journaled request always has a task or an `End`.
+    pub async fn submit_tagged(
+        &self,
+        prompt: &str,
+        params: SamplingParams,
+        tag: Option<String>,
+    ) -> Result<RequestStream, InferenceError> {
         params.validate()?;
         if prompt.is_empty() {
             return Err(InferenceError::EmptyPrompt);
@@ -131,11 +148,24 @@ impl Runtime {
         }
         let needed = (prompt_tokens.len() + params.max_tokens).min(model.context);
         self.admit(needed).await?;
-        let id = self.services.next_request_id();
+        let runtime = self.clone();
         let payload = RequestParams {
             sampling: params,
             model: model.name.clone(),
+            tag,
         };
+        tokio::spawn(async move { runtime.begin(prompt_tokens, payload).await })
+            .await
+            .map_err(|e| InferenceError::Internal(format!("submission task: {e}")))?
+    }
+
+    /// Journals `Begin` and starts the task of an admitted request.
+    async fn begin(
+        &self,
+        prompt_tokens: Vec<u32>,
+        payload: RequestParams,
+    ) -> Result<RequestStream, InferenceError> {
+        let id = self.services.next_request_id();
         let begin = Record::Begin {
             request: id,
             prompt_tokens,
@@ -155,6 +185,11 @@ impl Runtime {
         {
             self.services.remove_sink(id);
             self.release(id).await;
+            // Ended in the journal, so no later process resumes a request nobody waits for.
+            let _ = self.append(&Record::End {
+                request: id,
+                reason: FinishReason::Error.code(),
+            });
             return Err(err.into());
         }
         Ok(RequestStream {
@@ -162,6 +197,22 @@ impl Runtime {
             already_delivered: 0,
             events,
         })
+    }
+
+    /// The request submitted with idempotency `tag` ([`Runtime::submit_tagged`]), if the
+    /// journal still holds it (finished requests stay until compaction).
+    pub fn find_tagged(&self, tag: &str) -> Result<Option<u64>, InferenceError> {
+        let journal = self.services.journal()?;
+        let journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(journal
+            .requests()
+            .iter()
+            .filter(|(_, log)| {
+                serde_json::from_slice::<RequestParams>(&log.params)
+                    .is_ok_and(|p| p.tag.as_deref() == Some(tag))
+            })
+            .map(|(id, _)| *id)
+            .max())
     }
 
     /// Resumes every unfinished request of the journal (after a process restart); each

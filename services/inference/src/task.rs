@@ -71,6 +71,9 @@ pub enum TaskMsg {
 pub(crate) struct RequestParams {
     pub(crate) sampling: SamplingParams,
     pub(crate) model: String,
+    /// The submitter's idempotency key ([`crate::Runtime::submit_tagged`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tag: Option<String>,
 }
 
 /// The task actor of one request.
