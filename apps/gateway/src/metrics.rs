@@ -132,6 +132,8 @@ impl Metrics {
                 path
             }
             p if p.starts_with("/v1/requests/") => "/v1/requests/{id}/events",
+            // One label per app name would let a client mint labels: apps share one.
+            p if p == "/apps" || p.starts_with("/apps/") => "/apps",
             _ => "other",
         };
         *self

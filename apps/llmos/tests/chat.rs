@@ -161,7 +161,7 @@ fn a_crash_looping_app_is_given_up_and_disturbs_nothing_else() {
     std::fs::write(
         &config,
         format!(
-            "addr = \"127.0.0.1:1\"\nmodel = {:?}\n\n[apps.chat]\nenabled = true\nmax_restarts = 2\nperiod_secs = 60\nmax_backoff_ms = 0\n",
+            "addr = \"127.0.0.1:1\"\nmodel = {:?}\nlog_format = \"json\"\n\n[apps.chat]\nenabled = true\nmax_restarts = 2\nperiod_secs = 60\nmax_backoff_ms = 0\n",
             model()
         ),
     )
@@ -219,6 +219,13 @@ fn a_crash_looping_app_is_given_up_and_disturbs_nothing_else() {
         ok && tree.contains("openai") && !tree.contains("chat"),
         "{tree}"
     );
+    // The file's other settings took effect: its model, and JSON log lines.
+    let models = server.request("GET", "/v1/models", &[], None).json();
+    assert_eq!(models["data"][0]["id"], "stories260K-f32.gguf", "{models}");
+    let logs = server.logs();
+    let first = logs.lines().next().expect("log lines");
+    let record: Value = serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {first}"));
+    assert!(record["level"].is_string(), "{record}");
 }
 
 #[test]
