@@ -13,6 +13,7 @@
 //! └─ requests           dynamic     one transient task per request
 //! ```
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -176,6 +177,10 @@ impl Runtime {
             self.release(id).await;
             return Err(err);
         }
+        if let Some(tag) = payload.tag {
+            self.services
+                .with_tags(|| self.scan_tags(), |tags| tags.insert(tag, id));
+        }
         let (sink, events) = RequestSink::new(0, 0);
         self.services.add_sink(id, Arc::new(sink));
         if let Err(err) = self
@@ -200,19 +205,39 @@ impl Runtime {
     }
 
     /// The request submitted with idempotency `tag` ([`Runtime::submit_tagged`]), if the
-    /// journal still holds it (finished requests stay until compaction).
+    /// journal still holds it (finished requests stay until compaction). An index kept
+    /// beside the journal answers, so the lookup costs the same however long the journal.
     pub fn find_tagged(&self, tag: &str) -> Result<Option<u64>, InferenceError> {
-        let journal = self.services.journal()?;
+        let id = self
+            .services
+            .with_tags(|| self.scan_tags(), |tags| tags.get(tag).copied());
+        let Some(id) = id else { return Ok(None) };
+        if self.request_log(id)?.is_some() {
+            return Ok(Some(id));
+        }
+        // Compacted away since: forget it.
+        self.services.with_tags(
+            || self.scan_tags(),
+            |tags| {
+                tags.remove(tag);
+            },
+        );
+        Ok(None)
+    }
+
+    /// Every tagged request in the journal (the index's initial contents).
+    fn scan_tags(&self) -> HashMap<String, u64> {
+        let Ok(journal) = self.services.journal() else {
+            return HashMap::new();
+        };
         let journal = journal.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(journal
-            .requests()
-            .iter()
-            .filter(|(_, log)| {
-                serde_json::from_slice::<RequestParams>(&log.params)
-                    .is_ok_and(|p| p.tag.as_deref() == Some(tag))
-            })
-            .map(|(id, _)| *id)
-            .max())
+        let mut tags = HashMap::new();
+        for (id, log) in journal.requests() {
+            if let Ok(RequestParams { tag: Some(tag), .. }) = serde_json::from_slice(&log.params) {
+                tags.insert(tag, *id);
+            }
+        }
+        tags
     }
 
     /// Resumes every unfinished request of the journal (after a process restart); each

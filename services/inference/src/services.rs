@@ -112,6 +112,9 @@ pub struct Services {
     next_request: AtomicU64,
     task_starts: Mutex<HashMap<u64, u32>>,
     journal_health: JournalHealth,
+    /// Idempotency tag → request id (`Runtime::submit_tagged`); `None` until first used,
+    /// then built from the journal once and kept up to date by submissions.
+    tags: Mutex<Option<HashMap<String, u64>>>,
 }
 
 impl Services {
@@ -126,7 +129,18 @@ impl Services {
             next_request: AtomicU64::new(1),
             task_starts: Mutex::new(HashMap::new()),
             journal_health: JournalHealth::default(),
+            tags: Mutex::new(None),
         }
+    }
+
+    /// The tag index, built from `scan` (the journal's tagged requests) on first use.
+    pub(crate) fn with_tags<R>(
+        &self,
+        scan: impl FnOnce() -> HashMap<String, u64>,
+        f: impl FnOnce(&mut HashMap<String, u64>) -> R,
+    ) -> R {
+        let mut tags = self.tags.lock().unwrap_or_else(|e| e.into_inner());
+        f(tags.get_or_insert_with(scan))
     }
 
     /// Counts one more start of `request`'s task; returns the count.
