@@ -210,13 +210,9 @@ impl App for ChatApp {
                         Source::Attach(request),
                     );
                 }
-                None => {
-                    let handle = ctx.handle().clone();
-                    let session = session.id.clone();
-                    // Not a cast from here: this instance is not running until `start`
-                    // returns, and the cast would wait for it.
-                    ctx.spawn(async move { handle.cast(ChatMsg::Resubmit { session }).await });
-                }
+                None => ctx.send_self(ChatMsg::Resubmit {
+                    session: session.id.clone(),
+                })?,
             }
         }
         Ok(ChatState {

@@ -206,6 +206,18 @@ impl<M: Send + 'static> AppContext<M> {
         &self.handle
     }
 
+    /// Queues `message` for this instance (not a successor), also from
+    /// [`App::start`]: it is handled after `start` returns, before anything sent later.
+    /// Fails only when the instance is already stopping.
+    pub fn send_self(&self, message: M) -> Result<(), AppError> {
+        self.myself
+            .send_message(AppMsg::App(message))
+            .map_err(|e| AppError::Unavailable {
+                app: self.name.to_string(),
+                reason: format!("this instance is stopping: {e}"),
+            })
+    }
+
     /// Runs `work` beside the actor, tied to this instance: it is aborted when the
     /// instance stops or crashes, and if it fails (an `Err` or a panic) the instance
     /// crashes too and restarts by its policy. Report results by sending the app a

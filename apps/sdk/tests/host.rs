@@ -30,6 +30,9 @@ struct Probe;
 
 enum ProbeMsg {
     Starts(Reply<u64>),
+    /// Sent to itself from `start`.
+    Note,
+    Notes(Reply<u64>),
     Checkpoint(Reply<Result<(), AppError>>),
     FailTask,
     PanicTask,
@@ -37,27 +40,33 @@ enum ProbeMsg {
 
 impl App for Probe {
     type Msg = ProbeMsg;
-    type State = u64;
+    /// (starts, notes received by this instance).
+    type State = (u64, u64);
 
     fn manifest(&self) -> AppManifest {
         AppManifest::new("test probe")
     }
 
-    async fn start(&self, ctx: &AppContext<ProbeMsg>) -> Result<u64, AppError> {
+    async fn start(&self, ctx: &AppContext<ProbeMsg>) -> Result<(u64, u64), AppError> {
         let starts = ctx.store().get::<u64>("starts")?.unwrap_or(0) + 1;
         ctx.store().put("starts", &starts)?;
-        Ok(starts)
+        ctx.send_self(ProbeMsg::Note)?;
+        Ok((starts, 0))
     }
 
     async fn handle(
         &self,
         ctx: &AppContext<ProbeMsg>,
         message: ProbeMsg,
-        starts: &mut u64,
+        (starts, notes): &mut (u64, u64),
     ) -> Result<(), AppError> {
         match message {
             ProbeMsg::Starts(reply) => {
                 let _ = reply.send(*starts);
+            }
+            ProbeMsg::Note => *notes += 1,
+            ProbeMsg::Notes(reply) => {
+                let _ = reply.send(*notes);
             }
             ProbeMsg::Checkpoint(reply) => {
                 let _ = reply.send(ctx.store().put("x", &1));
@@ -191,6 +200,11 @@ async fn a_failed_task_crashes_only_its_instance_which_restarts_from_checkpoints
     let host = host(&runtime, BTreeMap::new()).await;
     let app = handle(&runtime, "probe");
     assert_eq!(app.call(ProbeMsg::Starts, None).await.unwrap(), 1);
+    assert_eq!(
+        app.call(ProbeMsg::Notes, None).await.unwrap(),
+        1,
+        "what start sent itself was handled first"
+    );
     for (crash, starts) in [(ProbeMsg::FailTask, 2), (ProbeMsg::PanicTask, 3)] {
         let mut events = runtime.kernel().subscribe();
         app.cast(crash).await.unwrap();
