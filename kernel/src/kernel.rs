@@ -167,6 +167,11 @@ impl Kernel {
         })
     }
 
+    /// Whether an orderly shutdown has begun (no child starts from then on).
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.is_shutting_down()
+    }
+
     /// The root supervisor's path.
     pub fn root_path(&self) -> &ActorPath {
         &self.root_path

@@ -7,6 +7,7 @@
 //! instead of generating again.
 
 use llmos_app::{AppError, FinishReason, SamplingParams};
+use llmos_inference::InferenceError;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -56,9 +57,10 @@ impl JobParams {
 }
 
 impl NewJob {
-    /// Parses and checks a `POST /jobs` body. A body that is not JSON, a missing or
-    /// mistyped field and an unknown field are `BadRequest` (400); values the sampler
-    /// cannot honour are `Inference(InvalidParams)` (422). Every message names the field.
+    /// Parses and checks a `POST /jobs` body. A body that is not JSON or not an object, an
+    /// unknown field and a missing `prompts` are `BadRequest` (400); a value of the wrong
+    /// kind or out of range (the sampler's ranges included) is `InvalidField` (422, the
+    /// field as the error body's `param`). Every message names the field.
     pub fn parse(body: &[u8]) -> Result<NewJob, AppError> {
         let value: Value = serde_json::from_slice(body)
             .map_err(|e| bad(format!("the body is not valid JSON: {e}")))?;
@@ -96,8 +98,8 @@ impl NewJob {
                     .ok_or("expected a list of strings")
             })?,
         };
-        // The ranges are the sampler's own; its message names the field.
-        params.sampling().validate()?;
+        // The ranges are the sampler's own.
+        params.sampling().validate().map_err(sampler_field)?;
         Ok(NewJob { prompts, params })
     }
 }
@@ -111,32 +113,35 @@ fn prompts(fields: &Map<String, Value>) -> Result<Vec<String>, AppError> {
         }
         Some(Value::Array(list)) => list,
         Some(other) => {
-            return Err(bad(format!(
-                "prompts: expected a list of strings, got {}",
-                kind(other)
-            )))
+            return Err(invalid(
+                "prompts",
+                format!("expected a list of strings, got {}", kind(other)),
+            ))
         }
     };
     if list.is_empty() {
-        return Err(bad(format!(
-            "prompts: the list is empty (give 1 to {MAX_PROMPTS} prompts)"
-        )));
+        return Err(invalid(
+            "prompts",
+            format!("the list is empty (give 1 to {MAX_PROMPTS} prompts)"),
+        ));
     }
     if list.len() > MAX_PROMPTS {
-        return Err(bad(format!(
-            "prompts: {} prompts; a job holds at most {MAX_PROMPTS}",
-            list.len()
-        )));
+        return Err(invalid(
+            "prompts",
+            format!("{} prompts; a job holds at most {MAX_PROMPTS}", list.len()),
+        ));
     }
     list.iter()
         .enumerate()
         .map(|(i, prompt)| match prompt {
-            Value::String(s) if s.is_empty() => Err(bad(format!("prompts[{i}]: empty prompt"))),
+            Value::String(s) if s.is_empty() => {
+                Err(invalid(&format!("prompts[{i}]"), "empty prompt".into()))
+            }
             Value::String(s) => Ok(s.clone()),
-            other => Err(bad(format!(
-                "prompts[{i}]: expected a string, got {}",
-                kind(other)
-            ))),
+            other => Err(invalid(
+                &format!("prompts[{i}]"),
+                format!("expected a string, got {}", kind(other)),
+            )),
         })
         .collect()
 }
@@ -151,13 +156,33 @@ fn optional<T>(
     match fields.get(name) {
         None | Some(Value::Null) => Ok(default),
         Some(value) => {
-            read(value).map_err(|why| bad(format!("{name}: {why}, got {}", kind(value))))
+            read(value).map_err(|why| invalid(name, format!("{why}, got {}", kind(value))))
         }
     }
 }
 
+/// A body the app cannot read as a job at all (400).
 fn bad(message: String) -> AppError {
     AppError::BadRequest(message)
+}
+
+/// A field with a value of the wrong kind or out of range (422, `param` = `field`).
+fn invalid(field: &str, message: String) -> AppError {
+    AppError::InvalidField {
+        field: field.to_string(),
+        message,
+    }
+}
+
+/// The sampler's refusal as the field it names (its messages read `field: reason`).
+fn sampler_field(error: InferenceError) -> AppError {
+    match error {
+        InferenceError::InvalidParams(message) => match message.split_once(": ") {
+            Some((field, reason)) => invalid(field, reason.to_string()),
+            None => InferenceError::InvalidParams(message).into(),
+        },
+        other => other.into(),
+    }
 }
 
 /// What a JSON value is, for messages (the value itself may be huge).
@@ -187,7 +212,9 @@ pub(crate) fn clip(text: &str) -> String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ItemState {
-    /// Not submitted yet (or its submission was refused for lack of capacity).
+    /// Not submitted yet, refused for lack of room, or being submitted (`submissions` is 1
+    /// and there is no request id yet: the submission goes through again after a crash,
+    /// and finds the request by the item's key if there is one).
     Pending,
     /// Submitted: the runtime journals it under `request`; the app is reading it.
     Running,
@@ -210,13 +237,26 @@ pub struct Item {
     /// The generated text, once done.
     pub text: Option<String>,
     /// `stop` or `length`, once done.
-    pub finish_reason: Option<String>,
+    pub finish_reason: Option<FinishReason>,
     /// Why it failed, once failed.
     pub error: Option<String>,
-    /// How many times it was submitted to the runtime. The count is checkpointed *before*
-    /// each submission, so a crash between a submission and its record shows up as a
-    /// second one: 1 for every finished item means nothing was generated twice.
+    /// How many requests were created for it, as the runtime's journal shows them: raised
+    /// to 1 (and checkpointed) before its first submission, so no crash can lose the
+    /// count, then set by each submission to 1 if a request was under the item's key
+    /// before it, plus 1 if it created a new one. 1 for every finished item means nothing
+    /// was generated twice. A request that ended without generating a token is not
+    /// counted (see `rekeyed`). See [`worker`](crate::worker).
     pub submissions: u32,
+    /// How many times the item moved to a fresh key ([`Job::key`]) because the request
+    /// under its key had ended without generating a token: the runtime journaled it but
+    /// could not start it, as when an orderly shutdown refused its task. Submitting again
+    /// then redoes nothing. Left out of the JSON while 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rekeyed: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Item {
@@ -229,6 +269,7 @@ impl Item {
             finish_reason: None,
             error: None,
             submissions: 0,
+            rekeyed: 0,
         }
     }
 
@@ -241,21 +282,19 @@ impl Item {
     pub(crate) fn finish(&mut self, text: String, reason: FinishReason) {
         self.state = ItemState::Done;
         self.text = Some(text);
-        self.finish_reason = Some(finish_reason_name(reason).to_string());
+        self.finish_reason = Some(reason);
+    }
+
+    /// Pending with a submission under way, or cut short by a crash (see
+    /// [`ItemState::Pending`]).
+    pub fn submitting(&self) -> bool {
+        self.state == ItemState::Pending && self.submissions > 0
     }
 
     /// Records a failure for good.
     pub(crate) fn fail(&mut self, error: String) {
         self.state = ItemState::Failed;
         self.error = Some(error);
-    }
-}
-
-fn finish_reason_name(reason: FinishReason) -> &'static str {
-    match reason {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-        FinishReason::Error => "error",
     }
 }
 
@@ -283,6 +322,15 @@ impl Job {
     /// Its name (and checkpoint key): `job-N`.
     pub fn name(&self) -> String {
         job_name(self.id)
+    }
+
+    /// The key item `index` is submitted under: `job-N-item-I`, with `-K` after it once
+    /// it was rekeyed K times.
+    pub fn key(&self, index: usize) -> String {
+        match self.items[index].rekeyed {
+            0 => format!("{}-item-{index}", self.name()),
+            k => format!("{}-item-{index}-{k}", self.name()),
+        }
     }
 
     /// Items done or failed.
@@ -406,9 +454,14 @@ mod tests {
         NewJob::parse(body.to_string().as_bytes())
     }
 
-    fn message(result: Result<NewJob, AppError>) -> (u16, String) {
+    /// A refusal's status, `param` (the field, for a 422) and message.
+    fn refusal(result: Result<NewJob, AppError>) -> (u16, Option<String>, String) {
         let err = result.expect_err("refused");
-        (err.status().as_u16(), err.to_string())
+        let param = match &err {
+            AppError::InvalidField { field, .. } => Some(field.clone()),
+            _ => None,
+        };
+        (err.status().as_u16(), param, err.to_string())
     }
 
     #[test]
@@ -439,63 +492,125 @@ mod tests {
 
     #[test]
     fn bad_bodies_name_the_field() {
+        let too_many: Vec<String> = (0..=MAX_PROMPTS).map(|i| i.to_string()).collect();
+        // (body, status, param, a part of the message)
         let cases = [
-            (json!([1, 2]), 400, "JSON object"),
-            (json!({}), 400, "prompts: required"),
-            (json!({"prompts": "a"}), 400, "prompts: expected a list"),
-            (json!({"prompts": []}), 400, "prompts: the list is empty"),
+            (json!([1, 2]), 400, None, "JSON object"),
+            (json!({}), 400, None, "prompts: required"),
+            (json!({"prompts": null}), 400, None, "prompts: required"),
+            (
+                json!({"prompts": ["a"], "top_k": 3}),
+                400,
+                None,
+                "unknown field `top_k`",
+            ),
+            (
+                json!({"prompts": "a"}),
+                422,
+                Some("prompts"),
+                "prompts: expected a list",
+            ),
+            (
+                json!({"prompts": []}),
+                422,
+                Some("prompts"),
+                "prompts: the list is empty",
+            ),
+            (
+                json!({ "prompts": too_many }),
+                422,
+                Some("prompts"),
+                "at most 1000",
+            ),
             (
                 json!({"prompts": ["a", 3]}),
-                400,
-                "prompts[1]: expected a string",
+                422,
+                Some("prompts[1]"),
+                "prompts[1]: expected a string, got a number",
             ),
-            (json!({"prompts": ["a", ""]}), 400, "prompts[1]: empty"),
+            (
+                json!({"prompts": ["a", ""]}),
+                422,
+                Some("prompts[1]"),
+                "prompts[1]: empty",
+            ),
             (
                 json!({"prompts": ["a"], "max_tokens": -1}),
-                400,
-                "max_tokens",
+                422,
+                Some("max_tokens"),
+                "a negative number",
             ),
             (
                 json!({"prompts": ["a"], "max_tokens": 1.5}),
-                400,
-                "max_tokens",
+                422,
+                Some("max_tokens"),
+                "a fractional number",
             ),
             (
                 json!({"prompts": ["a"], "max_tokens": 0}),
                 422,
-                "max_tokens",
+                Some("max_tokens"),
+                "max_tokens: must be at least 1",
             ),
             (
                 json!({"prompts": ["a"], "temperature": "hot"}),
-                400,
-                "temperature",
+                422,
+                Some("temperature"),
+                "temperature: expected a number, got a string",
             ),
             (
                 json!({"prompts": ["a"], "temperature": -1}),
                 422,
-                "temperature",
+                Some("temperature"),
+                "not in [0, 100]",
             ),
-            (json!({"prompts": ["a"], "seed": -3}), 400, "seed"),
-            (json!({"prompts": ["a"], "stop": "x"}), 400, "stop"),
-            (json!({"prompts": ["a"], "stop": [""]}), 422, "stop"),
             (
-                json!({"prompts": ["a"], "top_k": 3}),
-                400,
-                "unknown field `top_k`",
+                json!({"prompts": ["a"], "seed": -3}),
+                422,
+                Some("seed"),
+                "seed",
+            ),
+            (
+                json!({"prompts": ["a"], "stop": "x"}),
+                422,
+                Some("stop"),
+                "expected a list of strings",
+            ),
+            (
+                json!({"prompts": ["a"], "stop": [""]}),
+                422,
+                Some("stop"),
+                "must not be empty",
             ),
         ];
-        for (body, status, needle) in cases {
-            let (got, text) = message(parse(body.clone()));
+        for (body, status, param, needle) in cases {
+            let (got, got_param, text) = refusal(parse(body.clone()));
             assert_eq!(got, status, "{body}: {text}");
+            assert_eq!(got_param.as_deref(), param, "{body}: {text}");
             assert!(text.contains(needle), "{body}: {text}");
         }
-        let too_many: Vec<String> = (0..=MAX_PROMPTS).map(|i| i.to_string()).collect();
-        let (status, text) = message(parse(json!({ "prompts": too_many })));
-        assert_eq!(status, 400);
-        assert!(text.contains("at most 1000"), "{text}");
-        let (status, text) = message(NewJob::parse(b"{\"prompts\": ["));
-        assert_eq!(status, 400);
+        let (status, param, text) = refusal(NewJob::parse(b"{\"prompts\": ["));
+        assert_eq!((status, param), (400, None));
         assert!(text.contains("not valid JSON"), "{text}");
+    }
+
+    /// What the client sees of a refused field: 422 with the field as `param`.
+    #[tokio::test]
+    async fn an_invalid_field_answers_422_with_its_param() {
+        use llmos_app::axum::response::IntoResponse;
+        let err = parse(json!({"prompts": ["a", 7]})).expect_err("refused");
+        let response = err.into_response();
+        assert_eq!(response.status().as_u16(), 422);
+        let body = llmos_app::axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["param"], "prompts[1]", "{body}");
+        assert_eq!(body["error"]["code"], "invalid_parameter", "{body}");
+        assert_eq!(
+            body["error"]["message"],
+            "prompts[1]: expected a string, got a number"
+        );
     }
 
     #[test]

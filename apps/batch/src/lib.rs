@@ -5,8 +5,10 @@
 //!
 //! - `POST /jobs` with `{"prompts": [..], "max_tokens": 64, "temperature": 0, "seed": 0,
 //!   "stop": [..]}` (only `prompts` is required: 1 to 1000 non-empty strings) → 202
-//!   `{"id": "job-N", "total": n}`. A malformed or mistyped body is 400, a sampling value
-//!   out of range 422; the message names the field.
+//!   `{"id": "job-N", "total": n}`. A body that is not JSON or not an object, an unknown
+//!   field or no `prompts` is 400; a value of the wrong kind or out of range is 422 with
+//!   the field as the error's `param` (`prompts`, `prompts[3]`, `temperature`, …). The
+//!   message names the field.
 //! - `GET /jobs/job-N` → `{"id", "state": "running"|"done", "done", "failed", "total",
 //!   "items": [{"index", "prompt", "state", "request", "text", "finish_reason", "error",
 //!   "submissions"}]}`; 404 for an unknown job. `?wait_done=K` waits until at least K
@@ -19,16 +21,19 @@
 //!
 //! Everything that must outlive the actor is in two places the SDK makes durable: the
 //! app's checkpoint store (one checkpoint per job, `job-N`, plus the id counter) and the
-//! runtime's journal (every request and every token). An item is checkpointed as
-//! `running` with its request id right after the runtime accepted it and before anything
-//! waits on it, so after a crash of the app — or of the whole process — the next instance
-//! re-attaches to that request ([`Completions::attach`](llmos_app::Completions::attach))
-//! instead of generating again: a finished request replays from the journal, an
-//! unfinished one (resumed by the runtime before apps start) goes on where it was. Items
-//! `done` or `failed` are never touched again. Each item counts its submissions; 1 for
-//! every item after any number of crashes is the proof that nothing was redone. See
-//! [`worker`] for the exact order of writes, and for the one window left: the whole
-//! process dying during a submission (milliseconds), which the count then shows as 2.
+//! runtime's journal (every request, with the key it was submitted under, and every
+//! token). Each item is submitted with
+//! [`Completions::submit_keyed`](llmos_app::Completions::submit_keyed) under the key
+//! `job-N-item-I`, journaled atomically with the request: if a crash, of the app or of
+//! the whole process, cuts a submission short, the item is submitted again and the key
+//! finds the request, which is re-attached instead of generated again. Once submitted,
+//! the item is checkpointed as `running` with its request id, and later instances
+//! re-attach by id ([`Completions::attach`](llmos_app::Completions::attach)): a finished
+//! request replays from the journal, an unfinished one (resumed by the runtime before
+//! apps start) goes on where it was. Items `done` or `failed` are never touched again.
+//! Each item counts the requests created for it, from what the journal shows under its
+//! key (`submissions`); 1 for every item after any number of crashes is the proof that
+//! nothing was redone. See [`worker`] for the exact order of writes.
 //!
 //! # Configuration
 //!
@@ -40,8 +45,9 @@
 //! [apps.batch.settings]
 //! concurrency = 2               # items generating at once (1..=64, default 2)
 //! ```
-//! When the quota has no room (e.g. `concurrency` above it), items wait for a running one
-//! to finish; they do not fail.
+//! When the quota (or the runtime) has no room, e.g. with `concurrency` above the quota,
+//! items wait for a running one to finish; they do not fail. See [`worker`], "Waiting for
+//! room".
 //!
 //! # Fault points
 //!
@@ -53,8 +59,6 @@ pub mod job;
 mod routes;
 pub mod worker;
 
-use std::sync::Arc;
-
 use llmos_app::axum::Router;
 use llmos_app::{App, AppApi, AppContext, AppError, AppManifest, Quotas};
 use serde_json::Value;
@@ -62,7 +66,6 @@ use serde_json::Value;
 pub use job::{
     ItemState, ItemView, JobCreated, JobParams, JobState, JobSummary, JobView, NewJob, MAX_PROMPTS,
 };
-use worker::Inflight;
 pub use worker::{BatchMsg, BatchState};
 
 /// The name the binary registers the app under (its routes are `/apps/batch/...`).
@@ -81,19 +84,9 @@ pub const REPORT_FAULT_POINT: &str = "batch.report";
 /// The batch app. Build it with [`BatchApp::from_settings`]; the binary registers it with
 /// `registry.register(BATCH_APP, false, BatchApp::from_settings)`. One value per hosted
 /// app: every instance of the app shares it.
+#[derive(Debug)]
 pub struct BatchApp {
     concurrency: usize,
-    /// Submissions on their way: memory that outlives the app's instances (this value is
-    /// shared by all of them), not the process. See [`worker`].
-    inflight: Arc<Inflight>,
-}
-
-impl std::fmt::Debug for BatchApp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BatchApp")
-            .field("concurrency", &self.concurrency)
-            .finish_non_exhaustive()
-    }
 }
 
 impl BatchApp {
@@ -127,10 +120,7 @@ impl BatchApp {
                 }
             },
         };
-        Ok(BatchApp {
-            concurrency,
-            ..Self::default()
-        })
+        Ok(BatchApp { concurrency })
     }
 
     /// Items this app keeps generating at once.
@@ -143,7 +133,6 @@ impl Default for BatchApp {
     fn default() -> Self {
         Self {
             concurrency: DEFAULT_CONCURRENCY,
-            inflight: Arc::default(),
         }
     }
 }
@@ -164,7 +153,7 @@ impl App for BatchApp {
 
     /// Loads the jobs, re-attaches running items, asks for a dispatch of pending ones.
     async fn start(&self, ctx: &AppContext<BatchMsg>) -> Result<BatchState, AppError> {
-        BatchState::start(self.concurrency, self.inflight.clone(), ctx)
+        BatchState::start(self.concurrency, ctx)
     }
 
     async fn handle(
@@ -174,12 +163,6 @@ impl App for BatchApp {
         state: &mut BatchState,
     ) -> Result<(), AppError> {
         state.handle(ctx, message)
-    }
-
-    /// An orderly stop records the submissions on their way (not run after a crash: then
-    /// the successor records them).
-    async fn stop(&self, ctx: &AppContext<BatchMsg>, state: &mut BatchState) {
-        state.stop(ctx).await;
     }
 
     fn routes(&self, api: AppApi<BatchMsg>) -> Router {

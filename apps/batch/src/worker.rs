@@ -2,39 +2,56 @@
 //! ([`BatchMsg`]), and how it keeps up to `concurrency` items generating.
 //!
 //! The actor owns every write to the checkpoint store, so writes are ordered, and it never
-//! waits on the runtime itself: submissions and generations run in tasks that report back
-//! with messages, so the actor keeps answering `GET`s while items generate.
+//! waits on the runtime itself: submissions and generations run in tasks of the instance
+//! ([`AppContext::spawn`]: aborted when it dies) that report back with messages, so the
+//! actor keeps answering `GET`s while items generate.
 //!
-//! Crash safety, step by step for one item:
-//! 1. `submissions += 1`, checkpoint: an intent. Should the process die before step 3,
-//!    the item is submitted again after the restart and the count says so (2): a redo is
-//!    never silent.
-//! 2. A *submitter* task calls `Completions::submit`; the runtime journals the request
-//!    before it returns the id. The submitter is deliberately not tied to the instance
-//!    ([`tokio::spawn`], not [`AppContext::spawn`]): killing the instance in the middle
-//!    of a submission must not leave a journaled request whose id nobody learns. Its
-//!    result goes to a table of submissions in flight that every instance of the app
-//!    shares (it lives in the [`BatchApp`](crate::BatchApp) value, which outlives
-//!    instances); an orderly stop waits for it briefly.
-//! 3. The actor (this instance or its successor) takes the result, records the item as
-//!    `running` with the request id and checkpoints it — before anything waits on the
-//!    generation. From here on the item is never submitted again: later instances, and
-//!    later processes, re-attach to the id.
-//! 4. A *reader* task (tied to the instance) collects the text and reports; `done` or
-//!    `failed`, checkpoint. Items `done` or `failed` are never touched again.
+//! Crash safety, step by step for one item (its key is `job-N-item-I`):
+//! 1. The intent: `submissions` goes from 0 to 1, checkpointed. A pending item that
+//!    already counts 1 was being submitted when an instance or the process died; it is
+//!    submitted again, and the count is not raised for that.
+//! 2. A *submitter* task calls [`Completions::submit_keyed`] with the item's key. The
+//!    runtime journals the key atomically with the request, so if an earlier call for the
+//!    item got that far (in a killed instance, in a dead process), this one re-attaches to
+//!    that request from its first token instead of submitting again.
+//! 3. The actor records the item as `running` with the request id and checkpoints it
+//!    before anything waits on the generation. From here on later instances, and later
+//!    processes, re-attach by id ([`Completions::attach`]).
+//! 4. A *reader* task collects the text and reports; `done` or `failed`, checkpoint.
+//!    Items `done` or `failed` are never touched again.
 //!
-//! So a crash of the *app* at any point redoes nothing. What no app can close alone is a
-//! death of the whole *process* between steps 1 and 3 (a few milliseconds): the runtime
-//! has no way to find a request by a key the app chose before submitting it.
+//! So a crash at any point, of the app or of the whole process, redoes nothing: before
+//! step 3 the item is pending and goes through step 2 again, after it the id is kept.
+//! One case asks for more: if the key names a request that ended without generating a
+//! token (the runtime ends a journaled request whose task cannot start, except when an
+//! orderly shutdown is what stopped it: that one stays for the next process), re-attaching
+//! would only fail the item. It moves to a fresh key instead (`rekeyed`, checkpointed)
+//! and is submitted again, which redoes nothing since nothing was generated.
+//!
+//! `submissions` is the proof, counted from the journal rather than trusted: step 3 (or a
+//! refusal) sets it to 1 if a request was under the item's key just before the call
+//! ([`Completions::find_keyed`]: made by an earlier call that a crash cut short), plus 1
+//! if the call created a new one (the id it returned is not the one found). A second
+//! request for an item would show as 2.
+//!
+//! # Waiting for room
+//!
+//! A submission refused for lack of room (the app's quota, the runtime's admission) or
+//! because the runtime is not there to ask leaves its item pending, and nothing more is
+//! submitted until one of this instance's items ends: its reader reports after its
+//! generation ended, that is after its quota share was returned, which is when room comes
+//! back. If nothing of this instance is in flight, no such report will come (the room is
+//! held by others: another app's requests, or a dead instance's dropped stream that still
+//! drains to its end), and one timer, [`IDLE_RETRY`], asks again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use llmos_app::{AppContext, AppError, AppStore, Completions, FinishReason, Generation, Reply};
+use llmos_app::{
+    AppContext, AppError, AppStore, Completions, FinishReason, Generation, Reply, SamplingParams,
+};
 use llmos_inference::InferenceError;
-use tokio::sync::watch;
 
 use crate::job::{clip, parse_job_name, ItemState, Job, JobCreated, JobSummary, JobView, NewJob};
 use crate::REPORT_FAULT_POINT;
@@ -42,14 +59,10 @@ use crate::REPORT_FAULT_POINT;
 /// The checkpoint key of the next job id.
 const NEXT_ID_KEY: &str = "next-job";
 
-/// How long to wait before trying again when the app's quota or the runtime has no room
-/// (room held by others, e.g. requests of a crashed predecessor that keep their quota
-/// share to their end, sends no message when it frees up).
-const RETRY_DELAY: Duration = Duration::from_millis(100);
-
-/// How long an orderly stop waits for submissions on their way, to record their ids
-/// (below the kernel's 5 s shutdown timeout of a worker).
-const STOP_WAIT: Duration = Duration::from_secs(3);
+/// How long to wait before submitting again when there was no room and nothing of this
+/// instance is in flight to say when there is (see the module docs). At most one such
+/// timer is armed at a time.
+pub const IDLE_RETRY: Duration = Duration::from_millis(200);
 
 /// Messages of the batch app's actor. Route handlers send the first three; the app's own
 /// tasks send [`BatchMsg::Work`].
@@ -85,6 +98,12 @@ pub enum BatchMsg {
 pub struct WorkMsg(Work);
 
 enum Work {
+    /// A submitter's call returned.
+    Submitted {
+        ticket: u64,
+        item: ItemKey,
+        submission: Submission,
+    },
     /// A reader finished an item's generation.
     ItemDone {
         ticket: u64,
@@ -92,13 +111,25 @@ enum Work {
         request: u64,
         outcome: Outcome,
     },
-    /// Record returned submissions and start pending items (after a start, a submission,
-    /// or a wait for room).
+    /// Start pending items (after a start, or the idle retry).
     Dispatch,
 }
 
 /// (job id, item index).
 type ItemKey = (u64, usize);
+
+/// What a submitter found.
+enum Submission {
+    /// What one `submit_keyed` call came to.
+    Called {
+        result: Result<Generation, AppError>,
+        /// Requests under the item's key as the journal shows them around the call (see
+        /// the module docs); `None` when the journal could not be asked.
+        requests: Option<u32>,
+    },
+    /// The key names this request, which ended without generating a token: not called.
+    Unstarted(u64),
+}
 
 /// How an item's generation ended.
 enum Outcome {
@@ -106,94 +137,26 @@ enum Outcome {
     Failed(String),
 }
 
-/// Submissions on their way, shared by every instance of the app: it lives in the
-/// [`BatchApp`](crate::BatchApp) value, which outlives instances (not the process).
-#[derive(Default)]
-pub(crate) struct Inflight {
-    submissions: Mutex<HashMap<ItemKey, Submission>>,
-    /// How many are still inside `submit` (an orderly stop waits for 0).
-    submitting: watch::Sender<usize>,
-}
-
-enum Submission {
-    /// `Completions::submit` is running.
-    Submitting,
-    /// It returned; no instance has recorded the result yet.
-    Returned(Result<Generation, AppError>),
-}
-
-impl Inflight {
-    fn lock(&self) -> MutexGuard<'_, HashMap<ItemKey, Submission>> {
-        self.submissions.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    fn contains(&self, item: ItemKey) -> bool {
-        self.lock().contains_key(&item)
-    }
-
-    fn has_job(&self, job: u64) -> bool {
-        self.lock().keys().any(|&(j, _)| j == job)
-    }
-
-    fn begin(&self, item: ItemKey) {
-        self.lock().insert(item, Submission::Submitting);
-        self.submitting.send_modify(|n| *n += 1);
-    }
-
-    fn returned(&self, item: ItemKey, result: Result<Generation, AppError>) {
-        self.lock().insert(item, Submission::Returned(result));
-        self.submitting.send_modify(|n| *n = n.saturating_sub(1));
-    }
-
-    /// Takes every returned submission, in item order.
-    fn take_returned(&self) -> Vec<(ItemKey, Result<Generation, AppError>)> {
-        let mut submissions = self.lock();
-        let mut done: Vec<ItemKey> = submissions
-            .iter()
-            .filter(|(_, s)| matches!(s, Submission::Returned(_)))
-            .map(|(&k, _)| k)
-            .collect();
-        done.sort_unstable();
-        done.into_iter()
-            .filter_map(|k| match submissions.remove(&k) {
-                Some(Submission::Returned(result)) => Some((k, result)),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Puts back a result an instance could not record (its successor will).
-    fn put_back(&self, item: ItemKey, result: Result<Generation, AppError>) {
-        self.lock().insert(item, Submission::Returned(result));
-    }
-
-    /// Waits (at most `limit`) until no submission is inside `submit`.
-    async fn settle(&self, limit: Duration) {
-        let mut submitting = self.submitting.subscribe();
-        let _ = tokio::time::timeout(limit, submitting.wait_for(|n| *n == 0)).await;
-    }
-}
-
-/// Tickets name readers uniquely in the process, so a report from a reader of an earlier
+/// Tickets name tasks uniquely in the process, so a report from a task of an earlier
 /// instance (which may reach this one while it restarts) is recognised as not ours.
 static NEXT_TICKET: AtomicU64 = AtomicU64::new(1);
 
 /// One instance's memory, rebuilt from the checkpoints by each start.
 pub struct BatchState {
     concurrency: usize,
-    inflight: Arc<Inflight>,
     jobs: BTreeMap<u64, Job>,
     next_id: u64,
+    /// This instance's submitters: ticket → item.
+    submitters: HashMap<u64, ItemKey>,
     /// This instance's readers: ticket → item.
     readers: HashMap<u64, ItemKey>,
     /// Long polls waiting for progress; answered by `answer_waiters`.
     waiters: Vec<Waiter>,
+    /// A submission found no room: submit nothing until an item of ours ends (or the
+    /// idle retry fires).
+    no_room: bool,
     /// A `Dispatch` is on its way (do not schedule another).
-    retry_scheduled: bool,
+    dispatch_scheduled: bool,
 }
 
 struct Waiter {
@@ -206,11 +169,7 @@ struct Waiter {
 impl BatchState {
     /// Loads every job, re-attaches the items that were running, and asks for a dispatch
     /// of the rest. Waits on nothing but the checkpoint files.
-    pub(crate) fn start(
-        concurrency: usize,
-        inflight: Arc<Inflight>,
-        ctx: &AppContext<BatchMsg>,
-    ) -> Result<Self, AppError> {
+    pub(crate) fn start(concurrency: usize, ctx: &AppContext<BatchMsg>) -> Result<Self, AppError> {
         let store = ctx.store();
         let mut jobs = BTreeMap::new();
         for key in store.keys()? {
@@ -231,12 +190,13 @@ impl BatchState {
             .map_or(stored_next, |last| stored_next.max(last + 1));
         let mut state = Self {
             concurrency,
-            inflight,
             jobs,
             next_id,
+            submitters: HashMap::new(),
             readers: HashMap::new(),
             waiters: Vec::new(),
-            retry_scheduled: false,
+            no_room: false,
+            dispatch_scheduled: false,
         };
         let running: Vec<(ItemKey, u64)> = state
             .jobs
@@ -261,11 +221,10 @@ impl BatchState {
             reattached = running.len(),
             "batch app state loaded"
         );
-        // Pending items are submitted once the actor runs (a start must not wait on the
-        // runtime); the cast waits until this instance is up, then delivers.
-        state.retry_scheduled = true;
-        let handle = ctx.handle().clone();
-        ctx.spawn(async move { handle.cast(BatchMsg::Work(WorkMsg(Work::Dispatch))).await });
+        // Pending items (those a crash caught half-way through their submission too) are
+        // submitted once the actor runs: a start must not wait on the runtime. The cast
+        // waits until this instance is up, then delivers.
+        state.schedule_dispatch(ctx, None);
         Ok(state)
     }
 
@@ -292,36 +251,41 @@ impl BatchState {
             BatchMsg::List { reply } => {
                 let _ = reply.send(self.jobs.values().map(Job::summary).collect());
             }
+            BatchMsg::Work(WorkMsg(Work::Submitted {
+                ticket,
+                item,
+                submission,
+            })) => {
+                // One of an earlier instance's is dropped (its stream drains to the end);
+                // this instance submits the item again and finds the request by its key.
+                if self.submitters.remove(&ticket).is_some() {
+                    self.submitted(ctx, item, submission)?;
+                    self.fill(ctx)?;
+                }
+            }
             BatchMsg::Work(WorkMsg(Work::ItemDone {
                 ticket,
                 item,
                 request,
                 outcome,
             })) => {
-                if self.readers.remove(&ticket).is_none() {
-                    // A reader of an earlier instance: this instance re-attached to the
-                    // same request, and its own reader reports it.
-                    return Ok(());
+                // One of an earlier instance's is ignored: this instance re-attached to the
+                // same request, and its own reader reports it.
+                if self.readers.remove(&ticket).is_some() {
+                    self.item_done(ctx.store(), item, request, outcome)?;
+                    // Its quota share was returned before it reported: room.
+                    self.no_room = false;
+                    self.fill(ctx)?;
                 }
-                self.item_done(ctx.store(), item, request, outcome)?;
-                self.fill(ctx)?;
             }
             BatchMsg::Work(WorkMsg(Work::Dispatch)) => {
-                self.retry_scheduled = false;
+                self.dispatch_scheduled = false;
+                self.no_room = false;
                 self.fill(ctx)?;
             }
         }
         self.answer_waiters();
         Ok(())
-    }
-
-    /// At an orderly stop (shutdown, operator restart): waits briefly for submissions on
-    /// their way and records their request ids, so the next start re-attaches to them.
-    pub(crate) async fn stop(&mut self, ctx: &AppContext<BatchMsg>) {
-        self.inflight.settle(STOP_WAIT).await;
-        if let Err(e) = self.record_submissions(ctx) {
-            tracing::warn!(target: "llmos::apps", error = %e, "batch app: submissions not recorded at stop");
-        }
     }
 
     fn create(&mut self, store: &AppStore, request: NewJob) -> Result<JobCreated, AppError> {
@@ -363,146 +327,109 @@ impl BatchState {
         self.waiters.push(waiter);
     }
 
-    /// Records a reader's report, if it is about the item as this instance knows it.
-    fn item_done(
+    /// Starts pending items, oldest job first, while fewer than `concurrency` are being
+    /// submitted or read and there is room.
+    fn fill(&mut self, ctx: &AppContext<BatchMsg>) -> Result<(), AppError> {
+        while self.submitters.len() + self.readers.len() < self.concurrency {
+            let Some((job_id, index)) = self.next_pending() else {
+                return Ok(());
+            };
+            if self.no_room || self.quota_full(ctx.completions()) {
+                self.wait_for_room(ctx);
+                return Ok(());
+            }
+            let Some(job) = self.jobs.get_mut(&job_id) else {
+                return Ok(());
+            };
+            // 1. The intent, durably (unless a submission cut short already made it).
+            if job.items[index].submissions == 0 {
+                job.items[index].submissions = 1;
+                ctx.store().put(&job.name(), job)?;
+            }
+            // 2. The submission, by the item's key.
+            let key = job.key(index);
+            let prompt = job.items[index].prompt.clone();
+            let params = job.params.sampling();
+            self.spawn_submitter(ctx, (job_id, index), key, prompt, params);
+        }
+        Ok(())
+    }
+
+    /// Step 2 in a task of this instance: one keyed submission, and what the journal shows
+    /// for the key around it.
+    fn spawn_submitter(
         &mut self,
-        store: &AppStore,
+        ctx: &AppContext<BatchMsg>,
+        item: ItemKey,
+        key: String,
+        prompt: String,
+        params: SamplingParams,
+    ) {
+        let ticket = NEXT_TICKET.fetch_add(1, Ordering::Relaxed);
+        self.submitters.insert(ticket, item);
+        let completions = ctx.completions().clone();
+        let handle = ctx.handle().clone();
+        ctx.spawn(async move {
+            let submission = submit(&completions, &key, &prompt, params).await;
+            handle
+                .cast(BatchMsg::Work(WorkMsg(Work::Submitted {
+                    ticket,
+                    item,
+                    submission,
+                })))
+                .await
+        });
+    }
+
+    /// Step 3: records what a submission came to, and starts reading an accepted one.
+    fn submitted(
+        &mut self,
+        ctx: &AppContext<BatchMsg>,
         (job_id, index): ItemKey,
-        request: u64,
-        outcome: Outcome,
+        submission: Submission,
     ) -> Result<(), AppError> {
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return Ok(());
         };
-        let Some(item) = job.items.get_mut(index) else {
-            return Ok(());
+        let item = &mut job.items[index];
+        let (result, requests) = match submission {
+            Submission::Called { result, requests } => (result, requests),
+            Submission::Unstarted(request) => {
+                // Stays pending, and `fill` submits it again under its next key.
+                tracing::info!(target: "llmos::apps", job = job_id, index, request, "batch item rekeyed: its request never started");
+                item.rekeyed += 1;
+                return ctx.store().put(&job.name(), job);
+            }
         };
-        if item.settled() || item.request != Some(request) {
-            return Ok(());
+        if let Some(requests) = requests {
+            item.submissions = requests;
         }
-        match outcome {
-            Outcome::Done { text, reason } => item.finish(text, reason),
-            Outcome::Failed(error) => {
-                tracing::warn!(target: "llmos::apps", job = job_id, index, request, %error, "batch item failed");
-                item.fail(error);
+        let generation = match result {
+            Ok(generation) => {
+                item.state = ItemState::Running;
+                item.request = Some(generation.id);
+                generation
             }
-        }
-        // If this write fails, the instance crashes; its successor re-attaches to the
-        // request (finished: its text comes straight from the journal) and tries again.
-        store.put(&job.name(), job)?;
-        Ok(())
-    }
-
-    /// Records returned submissions, then starts pending items, oldest job first, while
-    /// fewer than `concurrency` are being submitted or read.
-    fn fill(&mut self, ctx: &AppContext<BatchMsg>) -> Result<(), AppError> {
-        self.record_submissions(ctx)?;
-        while self.readers.len() + self.inflight.len() < self.concurrency {
-            let Some((job_id, index)) = self.next_pending() else {
-                return Ok(());
-            };
-            if self.quota_full(ctx.completions()) {
-                self.retry_later(ctx);
-                return Ok(());
+            Err(e) if not_now(&e) => {
+                // Stays pending (the count says whether the key names a request already).
+                tracing::debug!(target: "llmos::apps", job = job_id, index, error = %e, "batch item waits for room");
+                self.no_room = true;
+                return ctx.store().put(&job.name(), job);
             }
-            let Some(job) = self.jobs.get_mut(&job_id) else {
-                return Ok(());
-            };
-            // 1. The intent, durably.
-            job.items[index].submissions += 1;
-            ctx.store().put(&job.name(), job)?;
-            // 2. The submission, in a task no crash of this instance can cut short.
-            let item = (job_id, index);
-            let prompt = job.items[index].prompt.clone();
-            let params = job.params.sampling();
-            let completions = ctx.completions().clone();
-            let inflight = self.inflight.clone();
-            let handle = ctx.handle().clone();
-            inflight.begin(item);
-            tokio::spawn(async move {
-                let result = completions.submit(&prompt, params).await;
-                inflight.returned(item, result);
-                // Wakes whichever instance is current; if this message is lost with a
-                // crashing instance, the successor's start dispatches anyway.
-                let _ = handle.cast(BatchMsg::Work(WorkMsg(Work::Dispatch))).await;
-            });
-        }
-        Ok(())
-    }
-
-    /// Step 3: records what returned submissions say, and starts reading the accepted ones.
-    fn record_submissions(&mut self, ctx: &AppContext<BatchMsg>) -> Result<(), AppError> {
-        for ((job_id, index), result) in self.inflight.take_returned() {
-            let Some(job) = self.jobs.get_mut(&job_id) else {
-                continue;
-            };
-            let item = &mut job.items[index];
-            match result {
-                Ok(generation) => {
-                    let request = generation.id;
-                    item.state = ItemState::Running;
-                    item.request = Some(request);
-                    if let Err(e) = ctx.store().put(&job.name(), job) {
-                        // Not recorded: undo in memory, hand it to the successor, crash.
-                        let item = &mut job.items[index];
-                        item.state = ItemState::Pending;
-                        item.request = None;
-                        self.inflight.put_back((job_id, index), Ok(generation));
-                        return Err(e);
-                    }
-                    self.spawn_reader(ctx, (job_id, index), request, Some(generation));
-                }
-                Err(e) if not_now(&e) => {
-                    // Not submitted after all: take the intent back, try again later.
-                    item.submissions = item.submissions.saturating_sub(1);
-                    ctx.store().put(&job.name(), job)?;
-                    self.retry_later(ctx);
-                }
-                Err(e) => {
-                    // About the item itself (a prompt longer than the context, …): it
-                    // fails alone and the job goes on.
-                    tracing::warn!(target: "llmos::apps", job = job_id, index, error = %e, "batch item refused");
-                    item.fail(e.to_string());
-                    ctx.store().put(&job.name(), job)?;
-                }
+            Err(e) => {
+                // About the item itself (a prompt longer than the context, …): it fails
+                // alone and the job goes on.
+                tracing::warn!(target: "llmos::apps", job = job_id, index, error = %e, "batch item refused");
+                item.fail(e.to_string());
+                return ctx.store().put(&job.name(), job);
             }
-        }
+        };
+        // If this write fails the instance crashes, and its successor submits the item
+        // again: the key finds this request.
+        ctx.store().put(&job.name(), job)?;
+        let request = generation.id;
+        self.spawn_reader(ctx, (job_id, index), request, Some(generation));
         Ok(())
-    }
-
-    fn next_pending(&self) -> Option<ItemKey> {
-        self.jobs.values().find_map(|job| {
-            job.items
-                .iter()
-                .enumerate()
-                .find(|&(index, item)| {
-                    item.state == ItemState::Pending && !self.inflight.contains((job.id, index))
-                })
-                .map(|(index, _)| (job.id, index))
-        })
-    }
-
-    /// The app's concurrent-request quota has no room (a cheap check before writing an
-    /// intent; `submit` is still the authority). Submissions on their way may not hold
-    /// their share yet, so they count too.
-    fn quota_full(&self, completions: &Completions) -> bool {
-        completions
-            .quotas()
-            .max_concurrent_requests
-            .is_some_and(|limit| completions.usage().requests + self.inflight.len() >= limit)
-    }
-
-    /// Tries again after [`RETRY_DELAY`] (reports of our readers also try again).
-    fn retry_later(&mut self, ctx: &AppContext<BatchMsg>) {
-        if self.retry_scheduled {
-            return;
-        }
-        self.retry_scheduled = true;
-        let handle = ctx.handle().clone();
-        ctx.spawn(async move {
-            tokio::time::sleep(RETRY_DELAY).await;
-            handle.cast(BatchMsg::Work(WorkMsg(Work::Dispatch))).await
-        });
     }
 
     /// Step 4: reads one item's generation to its end in a task of this instance, then
@@ -557,18 +484,93 @@ impl BatchState {
         });
     }
 
+    /// Records a reader's report, if it is about the item as this instance knows it.
+    fn item_done(
+        &mut self,
+        store: &AppStore,
+        (job_id, index): ItemKey,
+        request: u64,
+        outcome: Outcome,
+    ) -> Result<(), AppError> {
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return Ok(());
+        };
+        let Some(item) = job.items.get_mut(index) else {
+            return Ok(());
+        };
+        if item.settled() || item.request != Some(request) {
+            return Ok(());
+        }
+        match outcome {
+            Outcome::Done { text, reason } => item.finish(text, reason),
+            Outcome::Failed(error) => {
+                tracing::warn!(target: "llmos::apps", job = job_id, index, request, %error, "batch item failed");
+                item.fail(error);
+            }
+        }
+        // If this write fails, the instance crashes; its successor re-attaches to the
+        // request (finished: its text comes straight from the journal) and tries again.
+        store.put(&job.name(), job)?;
+        Ok(())
+    }
+
+    /// The oldest pending item that no submitter of this instance holds.
+    fn next_pending(&self) -> Option<ItemKey> {
+        self.jobs.values().find_map(|job| {
+            job.items
+                .iter()
+                .enumerate()
+                .find(|&(index, item)| {
+                    item.state == ItemState::Pending
+                        && !self.submitters.values().any(|&k| k == (job.id, index))
+                })
+                .map(|(index, _)| (job.id, index))
+        })
+    }
+
+    /// The app's concurrent-request quota has no room (a cheap check before writing an
+    /// intent; `submit_keyed` is still the authority). This instance's submitters count
+    /// too, as they may not hold their share yet.
+    fn quota_full(&self, completions: &Completions) -> bool {
+        completions
+            .quotas()
+            .max_concurrent_requests
+            .is_some_and(|limit| completions.usage().requests + self.submitters.len() >= limit)
+    }
+
+    /// Submits nothing more until room returns: the next report of this instance's tasks
+    /// says when, or, with none in flight, the idle retry.
+    fn wait_for_room(&mut self, ctx: &AppContext<BatchMsg>) {
+        if self.submitters.is_empty() && self.readers.is_empty() {
+            self.schedule_dispatch(ctx, Some(IDLE_RETRY));
+        }
+    }
+
+    /// Sends this instance a `Dispatch` (after `delay`), unless one is on its way.
+    fn schedule_dispatch(&mut self, ctx: &AppContext<BatchMsg>, delay: Option<Duration>) {
+        if std::mem::replace(&mut self.dispatch_scheduled, true) {
+            return;
+        }
+        let handle = ctx.handle().clone();
+        ctx.spawn(async move {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            handle.cast(BatchMsg::Work(WorkMsg(Work::Dispatch))).await
+        });
+    }
+
     /// Answers the long polls that are now satisfied: enough items of their job settled,
     /// and none of its items half-way through a submission. Runs after each message is
     /// handled, so an answer reflects everything that message started: it never shows an
-    /// item between its intent and its record, and a client acting on it (even by killing
-    /// the process) does not land in a submission this progress set off.
+    /// item between its intent and its record, so the items it shows as `running` are
+    /// exactly those with a request.
     fn answer_waiters(&mut self) {
         let mut views: HashMap<u64, JobView> = HashMap::new();
         for waiter in std::mem::take(&mut self.waiters) {
-            let ready = self
-                .jobs
-                .get(&waiter.job)
-                .filter(|job| job.settled() >= waiter.want && !self.inflight.has_job(job.id));
+            let ready = self.jobs.get(&waiter.job).filter(|job| {
+                job.settled() >= waiter.want && !job.items.iter().any(|i| i.submitting())
+            });
             match ready {
                 Some(job) => {
                     let view = views.entry(job.id).or_insert_with(|| job.view()).clone();
@@ -580,6 +582,46 @@ impl BatchState {
             }
         }
     }
+}
+
+/// One `submit_keyed` call for `key`, and how many requests the journal shows under the
+/// key around it: 1 if one was there just before the call, plus 1 if the call created a
+/// new one (a refused call may have journaled one that could not start). No call if the
+/// key names a request that ended without generating a token.
+async fn submit(
+    completions: &Completions,
+    key: &str,
+    prompt: &str,
+    params: SamplingParams,
+) -> Submission {
+    let not_called = |e: AppError| Submission::Called {
+        result: Err(e),
+        requests: None,
+    };
+    let before = match completions.find_keyed(key) {
+        Ok(before) => before,
+        Err(e) => return not_called(e),
+    };
+    if let Some(request) = before {
+        // Every token a request samples is journaled, its last one included: none means
+        // it never generated anything.
+        match completions.runtime().request_summary(request) {
+            Ok(Some(summary)) if summary.finished && summary.generated == 0 => {
+                return Submission::Unstarted(request)
+            }
+            Ok(_) => {}
+            Err(e) => return not_called(e.into()),
+        }
+    }
+    let result = completions.submit_keyed(key, prompt, params).await;
+    let after = match &result {
+        Ok(generation) => Ok(Some(generation.id)),
+        Err(_) => completions.find_keyed(key),
+    };
+    let requests = after
+        .ok()
+        .map(|after| u32::from(before.is_some()) + u32::from(after.is_some() && after != before));
+    Submission::Called { result, requests }
 }
 
 /// Refusals that mean "not now" rather than "not this item": no room (the app's quota,

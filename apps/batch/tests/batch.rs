@@ -5,9 +5,14 @@
 //!   restart while it submits, its handler panicking (`app.handle:batch`), its own
 //!   background task panicking (`batch.report`), and a restart of the whole runtime on
 //!   the same state directory (mid-job, and while it submits) — each time with the same
-//!   texts, and no item submitted twice;
+//!   texts, and one request per item: the app's own count says so, and so do the
+//!   runtime's journal (one request under each item's key) and the SDK's count of the
+//!   requests the app created;
+//! - a key that names a request which never generated a token is replaced, not
+//!   re-attached;
 //! - a quota below the app's concurrency makes items wait, not fail;
-//! - bad input is refused with clear errors, and the app keeps working.
+//! - bad input is refused with clear errors (400, or 422 naming the field as `param`),
+//!   and the app keeps working.
 //!
 //! Progress is followed with the app's long poll and restarts with kernel events, never
 //! with sleeps. Fault points are process-wide, so every case holds `SERIAL` (they share
@@ -20,7 +25,7 @@ use std::time::Duration;
 use llmos_app::axum::body::Body;
 use llmos_app::axum::http::{Method, Request, StatusCode};
 use llmos_app::axum::Router;
-use llmos_app::{AppConfig, AppHost, AppRegistry, Completions, Quotas, SamplingParams};
+use llmos_app::{AppConfig, AppHost, AppRegistry, Completions, QuotaUsage, Quotas, SamplingParams};
 use llmos_app_batch::{BatchApp, BATCH_APP, REPORT_FAULT_POINT};
 use llmos_device::DeviceId;
 use llmos_inference::{Runtime, RuntimeConfig};
@@ -76,7 +81,7 @@ impl Drop for Faults {
 struct System {
     runtime: Runtime,
     router: Router,
-    _host: AppHost,
+    host: AppHost,
     /// Requests the runtime resumed from the journal at boot.
     resumed: Vec<u64>,
 }
@@ -115,8 +120,17 @@ async fn boot_on(dir: &Path, device: DeviceId, config: AppConfig) -> System {
     System {
         runtime,
         router,
-        _host: host,
+        host,
         resumed,
+    }
+}
+
+impl System {
+    /// What the batch app's requests hold and have done in this process (the SDK's count).
+    fn usage(&self) -> QuotaUsage {
+        let status = self.host.status();
+        let batch = status.iter().find(|s| s.name == BATCH_APP).expect("batch");
+        batch.usage
     }
 }
 
@@ -174,19 +188,23 @@ async fn wait_done(router: &Router, id: &str, done: usize) -> Value {
     job
 }
 
-/// What each prompt completes to when generated directly, outside the app.
-async fn direct(runtime: &Runtime, prompts: &[&str]) -> Vec<String> {
-    let completions = Completions::new("direct", runtime.clone(), Quotas::default());
-    let params = SamplingParams {
+/// The sampling of every job these tests submit.
+fn params() -> SamplingParams {
+    SamplingParams {
         max_tokens: MAX_TOKENS,
         temperature: 0.0,
         seed: 0,
         ..SamplingParams::default()
-    };
+    }
+}
+
+/// What each prompt completes to when generated directly, outside the app.
+async fn direct(runtime: &Runtime, prompts: &[&str]) -> Vec<String> {
+    let completions = Completions::new("direct", runtime.clone(), Quotas::default());
     let mut texts = Vec::new();
     for prompt in prompts {
         let done = completions
-            .complete(prompt, params.clone())
+            .complete(prompt, params())
             .await
             .expect("direct completion");
         texts.push(done.text);
@@ -226,6 +244,39 @@ fn assert_finished(job: &Value, expected: &[String]) {
     assert_eq!(requests.len(), expected.len(), "one request per item");
 }
 
+/// The runtime's journal holds at most one request under each item's key, and it is the
+/// item's (at most: finished requests leave the journal at its next compaction). Not the
+/// app's word for it: the requests are found by the tag the SDK journaled with them.
+fn assert_one_request_per_key(runtime: &Runtime, job: &Value) {
+    let completions = Completions::new(BATCH_APP, runtime.clone(), Quotas::default());
+    let name = job["id"].as_str().expect("a job id");
+    for item in items(job) {
+        let key = match item["rekeyed"].as_u64() {
+            None => format!("{name}-item-{}", item["index"]),
+            Some(k) => format!("{name}-item-{}-{k}", item["index"]),
+        };
+        let Some(found) = completions.find_keyed(&key).expect("the journal") else {
+            continue;
+        };
+        assert_eq!(Some(found), item["request"].as_u64(), "{key}: {item}");
+        let journal = runtime.services().journal().expect("the journal");
+        let journal = journal.lock().unwrap();
+        let tag = |id: &u64| {
+            let params: Value = serde_json::from_slice(&journal.requests()[id].params).unwrap();
+            params["tag"].clone()
+        };
+        let tagged = tag(&found);
+        assert!(tagged.is_string(), "{key}: {tagged}");
+        let under: Vec<u64> = journal
+            .requests()
+            .keys()
+            .filter(|id| tag(id) == tagged)
+            .copied()
+            .collect();
+        assert_eq!(under, [found], "{key}: more than one request under the key");
+    }
+}
+
 /// Items of `before` that were done keep their request and text in `after`.
 fn assert_kept(before: &Value, after: &Value) {
     let mut kept = 0;
@@ -253,7 +304,10 @@ async fn a_fault_free_job_equals_direct_completions() {
     let job = wait_done(&system.router, &id, PROMPTS.len()).await;
     let expected = direct(&system.runtime, &PROMPTS).await;
     assert_finished(&job, &expected);
+    assert_one_request_per_key(&system.runtime, &job);
     assert!(expected.iter().any(|t| !t.is_empty()), "{expected:?}");
+    let usage = system.usage();
+    assert_eq!((usage.submitted, usage.requests), (6, 0), "{usage:?}");
 
     // Without `wait_done` the answer is immediate, and the list shows the job.
     let (status, again) = send(&system.router, Method::GET, "/apps/batch/jobs/job-1", None).await;
@@ -331,6 +385,14 @@ async fn crash_mid_job(crash: Crash) {
     drop(faults);
     let expected = direct(&system.runtime, &PROMPTS).await;
     assert_finished(&after, &expected);
+    assert_one_request_per_key(&system.runtime, &after);
+    // The SDK counts the requests the app created (not those a cancelled call created:
+    // its successor re-attached to them): never more than one per item.
+    let usage = system.usage();
+    assert!(
+        usage.submitted <= PROMPTS.len() as u64,
+        "{crash:?}: {usage:?}"
+    );
     if let Some(before) = &before {
         assert_kept(before, &after);
     }
@@ -369,7 +431,7 @@ async fn restart_mid_job(at_once: bool) {
     let _serial = SERIAL.lock().await;
     let mut faults = Faults(Vec::new());
     let dir = tempfile::tempdir().unwrap();
-    let before = {
+    let (before, first_submitted) = {
         let system = boot(dir.path(), AppConfig::default()).await;
         faults.set("task.step", "sleep(10)");
         let id = submit(&system.router, &PROMPTS).await;
@@ -384,7 +446,7 @@ async fn restart_mid_job(at_once: bool) {
             Some(before)
         };
         system.runtime.shutdown("test").await;
-        before
+        (before, system.usage().submitted)
     };
     drop(faults);
 
@@ -397,6 +459,21 @@ async fn restart_mid_job(at_once: bool) {
     let after = wait_done(&system.router, "job-1", PROMPTS.len()).await;
     let expected = direct(&system.runtime, &PROMPTS).await;
     assert_finished(&after, &expected);
+    assert_one_request_per_key(&system.runtime, &after);
+    let submitted = first_submitted + system.usage().submitted;
+    assert!(
+        submitted <= PROMPTS.len() as u64,
+        "{submitted} requests created"
+    );
+    // Every request the new runtime resumed is an item's: none was journaled by a
+    // submission the shutdown cut short and then left generating for nobody.
+    let requests: Vec<u64> = items(&after)
+        .iter()
+        .filter_map(|item| item["request"].as_u64())
+        .collect();
+    for resumed in &system.resumed {
+        assert!(requests.contains(resumed), "request {resumed}: {after}");
+    }
     if let Some(before) = &before {
         assert_kept(before, &after);
         // The runtime resumed exactly the requests of the items that were running, and
@@ -422,16 +499,68 @@ async fn a_process_restart_mid_job_redoes_nothing() {
     restart_mid_job(false).await;
 }
 
-/// Submissions on their way at the shutdown either return (the app's stop hook records
-/// their ids) or are refused by the stopping runtime (their items stay pending and are
-/// submitted by the next process).
-///
-/// Not checked here: a refused submission may already have journaled its request (the
-/// runtime writes `Begin` before starting the task, and does not end the request when
-/// the start fails), so the next process resumes it with no one reading it.
+/// Submissions on their way at the shutdown are cut short with the app (it stops before
+/// the runtime). Those that got as far as the journal are resumed by the next process,
+/// whose app finds them by the items' keys and re-attaches; the others are submitted
+/// afresh. Either way one request per item, each read by its item.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_process_restart_while_submitting_redoes_nothing() {
     restart_mid_job(true).await;
+}
+
+/// A key that names a request which ended without generating a token is not re-attached
+/// (that would only fail the item) but replaced: the item moves to a fresh key and is
+/// generated once. After a shutdown that began half-way through a submission, such a
+/// request is one the runtime journaled but could not start; here it is one whose task
+/// crashed before its first token every time (`task.step=panic`), put under the key the
+/// app will use for its first item.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_whose_request_never_generated_is_replaced() {
+    let _serial = SERIAL.lock().await;
+    let mut faults = Faults(Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let system = boot(dir.path(), AppConfig::default()).await;
+    let mut events = system.runtime.kernel().subscribe();
+    let squatter = {
+        faults.set("task.step", "panic");
+        let completions = Completions::new(BATCH_APP, system.runtime.clone(), Quotas::default());
+        let generation = completions
+            .submit_keyed("job-1-item-0", PROMPTS[0], params())
+            .await
+            .expect("submitted");
+        let id = generation.id;
+        let end = tokio::time::timeout(GUARD, generation.collect())
+            .await
+            .expect("the request ends");
+        assert!(end.is_err(), "{end:?}");
+        id
+    };
+    drop(faults);
+    // Its client hears of the failure before the end is journaled; the task stops after.
+    let task = format!("/req-{squatter}");
+    let ended = events
+        .wait_for(
+            GUARD,
+            |e| matches!(e, KernelEvent::Exited { path, .. } if path.as_str().ends_with(&task)),
+        )
+        .await;
+    assert!(ended.is_ok(), "request {squatter}'s task did not stop");
+    let summary = system.runtime.request_summary(squatter).unwrap().unwrap();
+    assert!(summary.finished && summary.generated == 0, "{summary:?}");
+
+    let id = submit(&system.router, &PROMPTS).await;
+    assert_eq!(id, "job-1");
+    let job = wait_done(&system.router, &id, PROMPTS.len()).await;
+    let expected = direct(&system.runtime, &PROMPTS).await;
+    assert_finished(&job, &expected);
+    assert_one_request_per_key(&system.runtime, &job);
+    let first = &items(&job)[0];
+    assert_eq!(first["rekeyed"], 1, "{first}");
+    assert_ne!(first["request"], squatter, "{first}");
+    assert!(items(&job)[1..]
+        .iter()
+        .all(|item| item.get("rekeyed").is_none()));
+    system.runtime.shutdown("test").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -448,6 +577,10 @@ async fn a_quota_below_the_concurrency_makes_items_wait_not_fail() {
     let job = wait_done(&system.router, &id, PROMPTS.len()).await;
     let expected = direct(&system.runtime, &PROMPTS).await;
     assert_finished(&job, &expected);
+    assert_one_request_per_key(&system.runtime, &job);
+    // Items waited for room (a reader's report) instead of asking the quota in a loop.
+    let usage = system.usage();
+    assert_eq!((usage.submitted, usage.refused), (6, 0), "{usage:?}");
     system.runtime.shutdown("test").await;
 }
 
@@ -459,63 +592,84 @@ async fn bad_input_is_refused_and_the_app_keeps_working() {
     let router = &system.router;
     let too_many: Vec<String> = (0..1001).map(|i| format!("p{i}")).collect();
     let too_many = json!({ "prompts": too_many }).to_string();
-    let cases: Vec<(&str, String, StatusCode, &str)> = vec![
+    const BAD: StatusCode = StatusCode::BAD_REQUEST;
+    const INVALID: StatusCode = StatusCode::UNPROCESSABLE_ENTITY;
+    // (what, body, status, `param` (the field of a 422), a part of the message)
+    let cases: Vec<(&str, String, StatusCode, Option<&str>, &str)> = vec![
         (
             "malformed JSON",
             "{\"prompts\": [".into(),
-            StatusCode::BAD_REQUEST,
+            BAD,
+            None,
             "JSON",
         ),
+        ("not an object", "[1]".into(), BAD, None, "JSON object"),
+        ("no prompts", "{}".into(), BAD, None, "prompts"),
         (
-            "no prompts",
-            "{}".into(),
-            StatusCode::BAD_REQUEST,
+            "unknown field",
+            r#"{"prompts": ["a"], "n": 2}"#.into(),
+            BAD,
+            None,
+            "`n`",
+        ),
+        (
+            "prompts not a list",
+            r#"{"prompts": "a"}"#.into(),
+            INVALID,
+            Some("prompts"),
             "prompts",
         ),
         (
             "empty list",
             r#"{"prompts": []}"#.into(),
-            StatusCode::BAD_REQUEST,
+            INVALID,
+            Some("prompts"),
             "prompts",
         ),
         (
             "non-string prompt",
             r#"{"prompts": ["a", 7]}"#.into(),
-            StatusCode::BAD_REQUEST,
+            INVALID,
+            Some("prompts[1]"),
             "prompts[1]",
         ),
         (
             "empty prompt",
             r#"{"prompts": [""]}"#.into(),
-            StatusCode::BAD_REQUEST,
+            INVALID,
+            Some("prompts[0]"),
             "prompts[0]",
         ),
         (
             "too many prompts",
             too_many,
-            StatusCode::BAD_REQUEST,
+            INVALID,
+            Some("prompts"),
             "1000",
         ),
         (
-            "unknown field",
-            r#"{"prompts": ["a"], "n": 2}"#.into(),
-            StatusCode::BAD_REQUEST,
-            "`n`",
+            "mistyped seed",
+            r#"{"prompts": ["a"], "seed": "x"}"#.into(),
+            INVALID,
+            Some("seed"),
+            "seed",
         ),
         (
             "bad temperature",
             r#"{"prompts": ["a"], "temperature": -1}"#.into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
+            INVALID,
+            Some("temperature"),
             "temperature",
         ),
         (
             "zero max_tokens",
             r#"{"prompts": ["a"], "max_tokens": 0}"#.into(),
-            StatusCode::UNPROCESSABLE_ENTITY,
+            INVALID,
+            Some("max_tokens"),
             "max_tokens",
         ),
     ];
-    for (what, body, status, needle) in cases {
+    for (what, body, status, param, needle) in cases {
         let (got, error) = send(router, Method::POST, "/apps/batch/jobs", Some(&body)).await;
         assert_eq!(got, status, "{what}: {error}");
         let message = error["error"]["message"]
@@ -523,6 +677,7 @@ async fn bad_input_is_refused_and_the_app_keeps_working() {
             .expect("an error message");
         assert!(message.contains(needle), "{what}: {message}");
         assert!(error["error"]["code"].is_string(), "{what}: {error}");
+        assert_eq!(error["error"]["param"].as_str(), param, "{what}: {error}");
     }
     for uri in [
         "/apps/batch/jobs/job-1",

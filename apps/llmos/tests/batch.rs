@@ -95,8 +95,9 @@ fn a_batch_job_survives_sigkill_of_the_server_without_redoing_items() {
     let id = submit(&server);
     // With 4 prompts and the default concurrency of 2, once 2 items are done the other 2
     // are running: the long poll answers only after their submissions are recorded, so
-    // the kill below lands while they generate (a kill during a submission is the one
-    // window no app can close without help from the runtime; see the app's `worker`).
+    // the kill below lands while they generate and `before` shows their request ids (a
+    // kill during a submission redoes nothing either: the app submits each item by a key
+    // the runtime journals with the request; see the app's `worker`).
     let before = wait_done(&server, &id, 2);
     assert!(
         before["done"].as_u64().unwrap() < PROMPTS.len() as u64,

@@ -29,8 +29,9 @@ struct Inner {
     usage: Mutex<Usage>,
     submitted: AtomicU64,
     refused: AtomicU64,
-    /// Keyed submissions look up, then submit; one at a time, so a key cannot race itself.
-    keyed: tokio::sync::Mutex<()>,
+    /// One lock per key being submitted: a key's lookup and submission never race
+    /// another's for the same key; different keys do not wait on each other.
+    keyed: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// What the app's requests hold. A request counts once however many streams (of this
@@ -77,7 +78,7 @@ impl Completions {
                 usage: Mutex::new(Usage::default()),
                 submitted: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
-                keyed: tokio::sync::Mutex::new(()),
+                keyed: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -165,8 +166,31 @@ impl Completions {
         prompt: &str,
         params: SamplingParams,
     ) -> Result<Generation, AppError> {
+        let this = self.clone();
+        let (key, prompt) = (key.to_string(), prompt.to_string());
+        // The lookup and the submission run in a task of their own: a caller cancelled
+        // half-way (its actor killed) does not free the key while its submission is still
+        // under way, so a successor's call waits for it and then finds it.
+        tokio::spawn(async move {
+            let lock = this.key_lock(&key);
+            let result = {
+                let _held = lock.lock().await;
+                this.submit_keyed_now(&key, &prompt, params).await
+            };
+            this.forget_key_lock(&key, lock);
+            result
+        })
+        .await
+        .map_err(|e| AppError::failed(format!("keyed submission task: {e}")))?
+    }
+
+    async fn submit_keyed_now(
+        &self,
+        key: &str,
+        prompt: &str,
+        params: SamplingParams,
+    ) -> Result<Generation, AppError> {
         let tag = format!("app:{}:{key}", self.inner.app);
-        let _one_at_a_time = self.inner.keyed.lock().await;
         if let Some(id) = self.inner.runtime.find_tagged(&tag)? {
             return self.attach(id, None).await;
         }
@@ -180,6 +204,20 @@ impl Completions {
         self.inner.submitted.fetch_add(1, Ordering::Relaxed);
         lease.bind(stream.id);
         Ok(Generation::new(stream, Some(lease)))
+    }
+
+    fn key_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.inner.keyed.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(key.to_string()).or_default().clone()
+    }
+
+    /// Drops the key's lock from the table once nobody else holds or waits on it.
+    fn forget_key_lock(&self, key: &str, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut locks = self.inner.keyed.lock().unwrap_or_else(|e| e.into_inner());
+        // Clones are only made under this table lock: the table's and ours are the last.
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(key);
+        }
     }
 
     /// The request submitted with `key` by [`Completions::submit_keyed`], if the journal

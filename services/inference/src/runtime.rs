@@ -167,6 +167,11 @@ impl Runtime {
         payload: RequestParams,
     ) -> Result<RequestStream, InferenceError> {
         let id = self.services.next_request_id();
+        // Refused before anything is journaled: a request begun now could not start.
+        if self.kernel.is_shutting_down() {
+            self.release(id).await;
+            return Err(InferenceError::Kernel(llmos_kernel::KernelError::ShutDown));
+        }
         let begin = Record::Begin {
             request: id,
             prompt_tokens,
@@ -177,6 +182,7 @@ impl Runtime {
             self.release(id).await;
             return Err(err);
         }
+        let tagged = payload.tag.is_some();
         if let Some(tag) = payload.tag {
             self.services
                 .with_tags(|| self.scan_tags(), |tags| tags.insert(tag, id));
@@ -190,11 +196,16 @@ impl Runtime {
         {
             self.services.remove_sink(id);
             self.release(id).await;
-            // Ended in the journal, so no later process resumes a request nobody waits for.
-            let _ = self.append(&Record::End {
-                request: id,
-                reason: FinishReason::Error.code(),
-            });
+            // A shutdown that began after the check above leaves the request unfinished:
+            // the next process resumes it, and its submitter finds it by its tag. Any
+            // other failure ends it, so no later process runs a request nobody waits for.
+            let shutting_down = matches!(err, llmos_kernel::KernelError::ShutDown);
+            if !(shutting_down && tagged) {
+                let _ = self.append(&Record::End {
+                    request: id,
+                    reason: FinishReason::Error.code(),
+                });
+            }
             return Err(err.into());
         }
         Ok(RequestStream {

@@ -194,7 +194,13 @@ impl Actor for TaskActor {
                 .deliver(index as u32, state.tokens[state.prompt_len + index], &text);
         }
         if let Some(code) = log.finished {
-            self.finish(&myself, &mut state, FinishReason::from_code(code), false);
+            self.finish(
+                &myself,
+                &mut state,
+                FinishReason::from_code(code),
+                false,
+                None,
+            );
             return Ok(state);
         }
         if starts > MAX_TASK_STARTS {
@@ -209,16 +215,22 @@ impl Actor for TaskActor {
                 })
                 .map(|f| f.reason)
                 .unwrap_or_else(|| "unknown".into());
-            state.sink.fail(format!(
+            let failure = format!(
                 "request {} failed {} times; last failure: {last}",
                 self.request,
                 starts - 1
-            ));
-            self.finish(&myself, &mut state, FinishReason::Error, true);
+            );
+            self.finish(
+                &myself,
+                &mut state,
+                FinishReason::Error,
+                true,
+                Some(failure),
+            );
             return Ok(state);
         }
         if let Some(reason) = self.finished_by_rules(&state) {
-            self.finish(&myself, &mut state, reason, true);
+            self.finish(&myself, &mut state, reason, true, None);
             return Ok(state);
         }
         self.attach(&myself, &mut state).await?;
@@ -262,9 +274,8 @@ impl Actor for TaskActor {
                 if device_lost {
                     self.attach(&myself, state).await?;
                 } else if out_of_blocks {
-                    state.sink.fail(format!("KV memory exhausted: {error}"));
-                    self.release(state);
-                    myself.stop(Some("kv exhausted".into()));
+                    let failure = format!("KV memory exhausted: {error}");
+                    self.finish(&myself, state, FinishReason::Error, true, Some(failure));
                 } else {
                     return Err(format!("engine step failed: {error}").into());
                 }
@@ -392,7 +403,7 @@ impl TaskActor {
         state.sink.deliver(index, token, &text.text);
         let reason = reason.or(text.stopped.then_some(FinishReason::Stop));
         match reason {
-            Some(reason) => self.finish(myself, state, reason, true),
+            Some(reason) => self.finish(myself, state, reason, true, None),
             None => {
                 state.step += 1;
                 let (_, engine) = state
@@ -467,13 +478,16 @@ impl TaskActor {
         Err(InferenceError::Journal(last.expect("at least one attempt")))
     }
 
-    /// Ends the request: journals `End`, frees its KV, tells the client, stops normally.
+    /// Ends the request: journals `End`, then tells the client (the end, or `failure`),
+    /// frees its KV and stops normally. The journal comes first, so a client that hears of
+    /// the end finds it recorded.
     fn finish(
         &self,
         myself: &ActorRef<TaskMsg>,
         state: &mut TaskState,
         reason: FinishReason,
         journal: bool,
+        failure: Option<String>,
     ) {
         if journal {
             let end = Record::End {
@@ -503,9 +517,12 @@ impl TaskActor {
                 }
             }
         }
-        state
-            .sink
-            .finish(reason, state.prompt_len, state.generated().len());
+        match failure {
+            Some(error) => state.sink.fail(error),
+            None => state
+                .sink
+                .finish(reason, state.prompt_len, state.generated().len()),
+        }
         self.release(state);
         myself.stop(Some("finished".into()));
     }
