@@ -320,7 +320,7 @@ impl Metrics {
         metric(
             "llmos_app_kv_blocks_reserved",
             "gauge",
-            "KV blocks each app's running requests may need at most (its KV quota's usage).",
+            "KV blocks each app's running requests may need at most (counted for apps with a KV quota).",
             &per_app(&|a| a.usage.kv_blocks as f64),
         );
         metric(

@@ -49,7 +49,7 @@ struct Usage {
 pub struct QuotaUsage {
     /// Requests of this app generating now.
     pub requests: usize,
-    /// KV blocks they may need at most.
+    /// KV blocks they may need at most (counted for an app with a KV quota, else 0).
     pub kv_blocks: usize,
     /// Requests submitted since the process started.
     pub submitted: u64,
@@ -255,8 +255,13 @@ impl Completions {
         Ok(Generation::new(stream, lease))
     }
 
-    /// The KV blocks a request may need at most.
+    /// The KV blocks a request may need at most. Counting them means tokenizing the
+    /// prompt once more than the runtime does, so it is done only for an app with a KV
+    /// quota; others report 0 reserved blocks.
     fn blocks_for(&self, prompt: &str, max_tokens: usize) -> usize {
+        if self.inner.quotas.max_kv_blocks.is_none() {
+            return 0;
+        }
         let prompt_tokens = self
             .inner
             .runtime
@@ -269,6 +274,9 @@ impl Completions {
     }
 
     fn blocks(&self, prompt_tokens: usize, max_tokens: usize) -> usize {
+        if self.inner.quotas.max_kv_blocks.is_none() {
+            return 0;
+        }
         let services = self.inner.runtime.services();
         let context = services.model().map_or(usize::MAX, |m| m.context);
         let block = services.config.block_tokens.max(1);

@@ -223,7 +223,12 @@ impl Runtime {
             .services
             .with_tags(|| self.scan_tags(), |tags| tags.get(tag).copied());
         let Some(id) = id else { return Ok(None) };
-        if self.request_log(id)?.is_some() {
+        let held = {
+            let journal = self.services.journal()?;
+            let journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+            journal.request(id).is_some()
+        };
+        if held {
             return Ok(Some(id));
         }
         // Compacted away since: forget it.
