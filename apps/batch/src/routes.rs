@@ -2,21 +2,15 @@
 //! and ask the actor through its [`AppHandle`](llmos_app::AppHandle); every error is an
 //! [`AppError`], which answers with its status and an OpenAI-style JSON body.
 
-use std::time::Duration;
-
 use llmos_app::axum::body::Bytes;
 use llmos_app::axum::extract::{Path, RawQuery, State};
 use llmos_app::axum::http::StatusCode;
 use llmos_app::axum::routing::{get, post};
 use llmos_app::axum::{Json, Router};
-use llmos_app::{AppApi, AppError, Reply};
+use llmos_app::{AppApi, AppError};
 
 use crate::job::{clip, JobCreated, JobSummary, JobView, NewJob};
 use crate::worker::BatchMsg;
-
-/// How many times a read is retried when the instance answering it died (each try waits
-/// for the successor up to the SDK's resolve wait).
-const READ_ATTEMPTS: u32 = 8;
 
 /// `POST /jobs`, `GET /jobs`, `GET /jobs/{id}[?wait_done=K]`.
 pub(crate) fn router(api: AppApi<BatchMsg>) -> Router {
@@ -44,7 +38,12 @@ async fn create(
 
 /// `GET /jobs`: `{"jobs": [{"id", "state", "done", "failed", "total"}, …]}`, oldest first.
 async fn list(State(api): State<AppApi<BatchMsg>>) -> Result<Json<serde_json::Value>, AppError> {
-    let jobs: Vec<JobSummary> = read(&api, |reply| BatchMsg::List { reply }).await?;
+    // Reads are safe to ask twice: one cut short by a restart goes to the successor, so a
+    // long poll survives restarts of the app.
+    let jobs: Vec<JobSummary> = api
+        .handle
+        .call_idempotent(|reply| BatchMsg::List { reply }, None)
+        .await?;
     Ok(Json(serde_json::json!({ "jobs": jobs })))
 }
 
@@ -57,12 +56,17 @@ async fn show(
     RawQuery(query): RawQuery,
 ) -> Result<Json<JobView>, AppError> {
     let wait_done = wait_done(query.as_deref())?;
-    let view = read(&api, |reply| BatchMsg::Get {
-        id: id.clone(),
-        wait_done,
-        reply,
-    })
-    .await??;
+    let view = api
+        .handle
+        .call_idempotent(
+            |reply| BatchMsg::Get {
+                id: id.clone(),
+                wait_done,
+                reply,
+            },
+            None,
+        )
+        .await??;
     Ok(Json(view))
 }
 
@@ -86,27 +90,6 @@ fn wait_done(query: Option<&str>) -> Result<Option<usize>, AppError> {
         wait = Some(count);
     }
     Ok(wait)
-}
-
-/// Asks the actor something that is safe to ask twice. If the instance dies before it
-/// answers (a crash, a restart: its reply ports die with it), the question goes to its
-/// successor; a long poll thereby survives restarts of the app.
-async fn read<R: Send + 'static>(
-    api: &AppApi<BatchMsg>,
-    build: impl Fn(Reply<R>) -> BatchMsg,
-) -> Result<R, AppError> {
-    let mut attempt = 1;
-    loop {
-        match api.handle.call(&build, None).await {
-            Err(AppError::Unavailable { .. }) if attempt < READ_ATTEMPTS => {
-                // The SDK already waited for a restarting instance; this pause only spaces
-                // out tries while the app is between instances for longer (a backoff).
-                tokio::time::sleep(Duration::from_millis(50) * attempt).await;
-                attempt += 1;
-            }
-            other => return other,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -523,24 +523,6 @@ fn collect(ctx: &AppContext<ChatMsg>, session: String, turn: u32, source: Source
 
 type RouteState = State<(AppHandle<ChatMsg>, ChatSettings)>;
 
-/// Calls the app, retrying while an instance dies under the call (its successor answers;
-/// the handle waits for it). Only for idempotent messages.
-async fn call_retrying<R: Send + 'static>(
-    handle: &AppHandle<ChatMsg>,
-    build: impl Fn(Reply<R>) -> ChatMsg,
-) -> Result<R, AppError> {
-    const ATTEMPTS: usize = 20;
-    let mut last = None;
-    for _ in 0..ATTEMPTS {
-        match handle.call(&build, None).await {
-            Ok(answer) => return Ok(answer),
-            Err(e @ AppError::Unavailable { .. }) => last = Some(e),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| AppError::failed("unreachable")))
-}
-
 fn body<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, AppError> {
     serde_json::from_slice(bytes).map_err(|e| AppError::BadRequest(format!("body: {e}")))
 }
@@ -611,7 +593,9 @@ fn check_text(field: &str, text: &str, settings: &ChatSettings) -> Result<(), Ap
 }
 
 async fn list_sessions(State((handle, _)): RouteState) -> Result<Json<Value>, AppError> {
-    let sessions = call_retrying(&handle, |reply| ChatMsg::List { reply }).await?;
+    let sessions = handle
+        .call_idempotent(|reply| ChatMsg::List { reply }, None)
+        .await?;
     Ok(Json(
         serde_json::json!({ "object": "list", "data": sessions }),
     ))
@@ -629,18 +613,26 @@ async fn get_session(
     Query(query): Query<GetQuery>,
 ) -> Result<Json<SessionView>, AppError> {
     if let Some(turn) = query.wait_turn {
-        call_retrying(&handle, |reply| ChatMsg::Wait {
-            session: id.clone(),
-            turn,
-            reply,
-        })
-        .await??;
+        handle
+            .call_idempotent(
+                |reply| ChatMsg::Wait {
+                    session: id.clone(),
+                    turn,
+                    reply,
+                },
+                None,
+            )
+            .await??;
     }
-    let view = call_retrying(&handle, |reply| ChatMsg::Get {
-        session: id.clone(),
-        reply,
-    })
-    .await??;
+    let view = handle
+        .call_idempotent(
+            |reply| ChatMsg::Get {
+                session: id.clone(),
+                reply,
+            },
+            None,
+        )
+        .await??;
     Ok(Json(view))
 }
 
@@ -682,27 +674,39 @@ async fn send_message(
         .validate()
         .map_err(AppError::from)?;
     }
-    let view = call_retrying(&handle, |reply| ChatMsg::Get {
-        session: id.clone(),
-        reply,
-    })
-    .await??;
+    let view = handle
+        .call_idempotent(
+            |reply| ChatMsg::Get {
+                session: id.clone(),
+                reply,
+            },
+            None,
+        )
+        .await??;
     let turn = view.turns.len() as u32 + 1;
     // Idempotent, so a retry after the app died under the call cannot start two turns.
-    let turn = call_retrying(&handle, |reply| ChatMsg::Send {
-        session: id.clone(),
-        turn,
-        content: request.content.clone(),
-        max_tokens: request.max_tokens,
-        reply,
-    })
-    .await??;
-    let ended = call_retrying(&handle, |reply| ChatMsg::Wait {
-        session: id.clone(),
-        turn,
-        reply,
-    })
-    .await??;
+    let turn = handle
+        .call_idempotent(
+            |reply| ChatMsg::Send {
+                session: id.clone(),
+                turn,
+                content: request.content.clone(),
+                max_tokens: request.max_tokens,
+                reply,
+            },
+            None,
+        )
+        .await??;
+    let ended = handle
+        .call_idempotent(
+            |reply| ChatMsg::Wait {
+                session: id.clone(),
+                turn,
+                reply,
+            },
+            None,
+        )
+        .await??;
     match &ended.error {
         Some(error) => Err(AppError::GenerationFailed {
             request: ended.request.unwrap_or_default(),

@@ -166,6 +166,33 @@ impl<M: Send + 'static> AppHandle<M> {
             .map_err(|e| self.unavailable(&e))
     }
 
+    /// [`AppHandle::call`] for a message that is safe to handle twice (a read, a wait,
+    /// an idempotent update): when the instance dies before it answers, the message goes
+    /// to its successor (the handle waits for it), up to 20 times. Any other failure — no
+    /// instance came within the wait, the app was given up — is returned at once.
+    pub async fn call_idempotent<R: Send + 'static>(
+        &self,
+        build: impl Fn(Reply<R>) -> M,
+        timeout: Option<Duration>,
+    ) -> Result<R, AppError> {
+        const ATTEMPTS: usize = 20;
+        let mut attempt = 1;
+        loop {
+            match self
+                .addr
+                .call(|reply| AppMsg::App(build(reply)), timeout)
+                .await
+            {
+                Ok(answer) => return Ok(answer),
+                Err(e @ KernelError::DiedBeforeReply(_)) if attempt < ATTEMPTS => {
+                    tracing::debug!(target: "llmos::apps", app = %self.app, error = %e, "retrying on the successor");
+                    attempt += 1;
+                }
+                Err(e) => return Err(self.unavailable(&e)),
+            }
+        }
+    }
+
     fn unavailable(&self, error: &KernelError) -> AppError {
         AppError::Unavailable {
             app: self.app.to_string(),
