@@ -73,6 +73,10 @@ impl From<InferenceError> for ApiError {
             InferenceError::EmptyPrompt => {
                 Self::new(StatusCode::BAD_REQUEST, "empty_prompt", message).param("prompt")
             }
+            InferenceError::TooLarge { .. } => {
+                Self::new(StatusCode::BAD_REQUEST, "kv_memory_exceeded", message)
+                    .param("max_tokens")
+            }
             InferenceError::Overloaded(_) => {
                 let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", message);
                 e.kind = "rate_limit_error";

@@ -41,8 +41,20 @@ pub struct RuntimeConfig {
     pub block_tokens: usize,
     /// When journal records reach the OS.
     pub flush: FlushPolicy,
-    /// Requests generating at once; more are refused as overloaded.
+    /// Requests admitted at once (running or waiting in an engine for KV memory); more
+    /// wait in the admission queue.
     pub max_active: usize,
+    /// Admissions that may wait for a slot; more are refused as overloaded.
+    pub max_queued: usize,
+    /// How long an admission may wait in the queue before it is refused as overloaded.
+    pub queue_timeout: Duration,
+    /// Token rows per engine step (decodes plus prefill chunks).
+    pub max_batch_tokens: usize,
+    /// Sequences per engine step.
+    pub max_batch_seqs: usize,
+    /// While requests decode, a step that also prefills may take this many times a
+    /// decode-only step (the engine sizes prefill chunks from its measured step cost).
+    pub prefill_stall: f64,
     /// An engine step may go this long without a heartbeat before it is declared hung.
     pub engine_heartbeat: Duration,
     /// Attempts of a failing journal append before the request fails.
@@ -61,7 +73,12 @@ impl RuntimeConfig {
             kv_budget_bytes: 256 << 20,
             block_tokens: 16,
             flush: FlushPolicy::EveryRecord,
-            max_active: 64,
+            max_active: 256,
+            max_queued: 1024,
+            queue_timeout: Duration::from_secs(300),
+            max_batch_tokens: 512,
+            max_batch_seqs: 256,
+            prefill_stall: 2.0,
             engine_heartbeat: Duration::from_secs(10),
             journal_attempts: 4,
             load_progress: None,

@@ -1,73 +1,115 @@
-//! The engine of one device: an actor that owns a compute thread running batched forward
-//! steps, watched by the kernel's heartbeat (blocking compute cannot be killed).
+//! The engine of one device: an actor owning a compute thread (watched by the kernel's
+//! heartbeat; blocking compute cannot be killed) that runs the step loop over *every*
+//! sequence attached to it:
 //!
-//! Per step the thread takes every pending request (a batch), prepares each sequence's KV
-//! (kept from earlier steps, restored from the device's block pool when it validates, or
-//! recomputed from the tokens), runs one forward over the batch and sends each task its
-//! logits. Recomputation replays the original shapes — the prompt as one chunk, then one
-//! token at a time — so the recomputed KV is bit-identical and resume is exact.
+//! ```text
+//! schedule (batcher: admit, preempt, chunk)  →  one batched forward  →  sample
+//!   →  journal the step's tokens in one group append  →  deliver  →  repeat
+//! ```
+//!
+//! No token crosses an actor or a mailbox on the way: task actors attach a request (its
+//! journaled tokens, sampler state and delivery sink) and are told when it ends, fails or
+//! must be attached again; they own its recovery, not its tokens.
+//!
+//! Faults: a panic in a request's own part of the step (sampling, its text; the
+//! `task.step` point) crashes only that request's task, and the engine keeps its KV for
+//! the task's next instance. A panic or hang of the step itself restarts the engine; the
+//! crash ledger ([`crate::quarantine`]) makes sure a step that keeps crashing is narrowed
+//! down to the one request that causes it, which fails alone. Exactness: the forward is
+//! batch-invariant, so whatever the chunking and batching of a recomputation, the KV and
+//! the logits are the original ones, bit for bit.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crossbeam::channel::{self, Receiver, Sender};
+use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender};
+use llmos_journal::{JournalError, Record};
 use llmos_kernel::ractor::{Actor, ActorProcessingErr, ActorRef};
 use llmos_kernel::{fault_point, Heartbeat};
 use llmos_kv::KvStore;
-use llmos_models::SeqStep;
+use llmos_models::{SeqStep, StepOptions};
 
+use crate::batcher::{self, Candidate, CostModel, StepBudget};
 use crate::error::InferenceError;
-use crate::services::{DeviceRuntime, Services};
-use crate::task::TaskMsg;
+use crate::kvpool::SeqKv;
+use crate::quarantine::Isolation;
+use crate::sampler::{sample, SamplerRng, SamplingParams};
+use crate::services::{DeviceRuntime, LoadedModel, RequestState, RequestStatus, Services};
+use crate::sink::{FinishReason, RequestSink};
+use crate::task::{TaskMsg, TASK_STEP_POINT};
+use crate::text::TextStream;
 
 /// Fault point inside an engine's forward step (`panic` crashes the engine).
 pub const ENGINE_STEP_POINT: &str = "engine.step";
 /// Fault point that makes an engine's step block forever (detected by heartbeat).
 pub const ENGINE_HANG_POINT: &str = "engine.hang";
 
+/// Fault point before each layer of a step (`sleep(MS)`: a legitimately slow step, which
+/// per-layer heartbeats keep from being taken for a hang).
+pub const ENGINE_LAYER_POINT: &str = "engine.layer";
+
+/// The fault point that crashes every step holding request `request`
+/// (`engine.step:req-N`): a poison request, as the engine sees it.
+pub fn engine_step_point_for(request: u64) -> String {
+    format!("{ENGINE_STEP_POINT}:req-{request}")
+}
+
+/// The fault point that hangs every step holding request `request` (`engine.hang:req-N`).
+pub fn engine_hang_point_for(request: u64) -> String {
+    format!("{ENGINE_HANG_POINT}:req-{request}")
+}
+
 /// Work for an engine.
-#[derive(Debug)]
 pub enum EngineMsg {
-    /// (Re)attaches a sequence and asks for the logits after its last token. `tokens` is
-    /// the prompt followed by the generated tokens; `prompt_len` says where the prompt
-    /// ends (to replay the original shapes when recomputing).
-    Attach {
-        /// Request id (the sequence id in the pool).
-        seq: u64,
-        /// Prompt + generated tokens so far.
-        tokens: Vec<u32>,
-        /// Tokens of the prompt.
-        prompt_len: usize,
-        /// Generation of the task instance: an older one's messages are ignored.
-        generation: u32,
-        /// The task's step number, echoed back.
-        step: u64,
-        /// Where to send the logits.
-        reply: ActorRef<TaskMsg>,
-    },
-    /// Appends one token to an attached sequence and asks for the next logits.
-    Next {
-        /// Request id.
-        seq: u64,
-        /// The token just sampled.
-        token: u32,
-        /// Generation of the task instance.
-        generation: u32,
-        /// The task's step number, echoed back.
-        step: u64,
-        /// Where to send the logits.
-        reply: ActorRef<TaskMsg>,
-    },
-    /// The sequence is finished: its KV blocks go back to the pool.
+    /// Attaches (or re-attaches) a request: the engine runs it from its journaled state.
+    Attach(Box<Attach>),
+    /// The request ended or moved away: its KV blocks go back to the pool.
     Detach {
         /// Request id.
         seq: u64,
     },
     /// The compute thread died; the actor fails so the supervisor restarts the engine.
     ThreadFailed(String),
+}
+
+impl std::fmt::Debug for EngineMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineMsg::Attach(a) => f
+                .debug_struct("Attach")
+                .field("seq", &a.seq)
+                .field("generation", &a.generation)
+                .field("tokens", &a.tokens.len())
+                .finish_non_exhaustive(),
+            EngineMsg::Detach { seq } => f.debug_struct("Detach").field("seq", seq).finish(),
+            EngineMsg::ThreadFailed(reason) => f.debug_tuple("ThreadFailed").field(reason).finish(),
+        }
+    }
+}
+
+/// A request as its task hands it to an engine: everything the journal says about it.
+pub struct Attach {
+    /// Request id (the sequence id in the pool).
+    pub seq: u64,
+    /// Generation of the task instance: an older one's attach is ignored.
+    pub generation: u32,
+    /// Prompt followed by the generated tokens so far.
+    pub tokens: Vec<u32>,
+    /// Tokens of the prompt.
+    pub prompt_len: usize,
+    /// Sampling parameters.
+    pub params: SamplingParams,
+    /// The sampler's RNG, positioned after the last generated token.
+    pub rng: SamplerRng,
+    /// The text shown so far (replayed from the generated tokens).
+    pub text: TextStream,
+    /// Where tokens go.
+    pub sink: Arc<RequestSink>,
+    /// The task to tell when the request ends, fails or must be attached again.
+    pub task: ActorRef<TaskMsg>,
 }
 
 /// The engine actor. Its start arguments name the device it drives.
@@ -97,7 +139,20 @@ impl Actor for EngineActor {
     ) -> Result<EngineState, ActorProcessingErr> {
         llmos_kernel::faults::declare(ENGINE_STEP_POINT, "an engine's forward step fails");
         llmos_kernel::faults::declare(ENGINE_HANG_POINT, "an engine's forward step hangs");
+        llmos_kernel::faults::declare(
+            "engine.step:req-N",
+            "every step holding request N fails (a poison request)",
+        );
+        llmos_kernel::faults::declare(
+            "engine.hang:req-N",
+            "every step holding request N hangs (a poison request)",
+        );
+        llmos_kernel::faults::declare(
+            ENGINE_LAYER_POINT,
+            "each layer of an engine step is slow (`sleep(MS)`)",
+        );
         let runtime = self.services.devices[self.device].clone();
+        let services = self.services.clone();
         let model = self.services.model()?;
         let (tx, rx) = channel::unbounded();
         let heartbeat = self.heartbeat.clone();
@@ -105,13 +160,18 @@ impl Actor for EngineActor {
         std::thread::Builder::new()
             .name(name)
             .spawn(move || {
+                let quarantine = runtime.quarantine.clone();
                 let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    EngineThread::new(runtime, model, heartbeat).run(rx)
+                    EngineThread::new(runtime, services, model, heartbeat).run(rx)
                 }));
                 let reason = match outcome {
                     Ok(()) => return,
                     Err(panic) => panic_text(&panic),
                 };
+                quarantine
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .note_failure(reason.clone());
                 let _ = myself.send_message(EngineMsg::ThreadFailed(reason));
             })
             .map_err(|err| format!("cannot start the engine thread: {err}"))?;
@@ -142,45 +202,113 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
-/// A sequence the engine holds KV for.
+/// A request the engine holds.
 struct Sequence {
-    kv: crate::kvpool::SeqKv,
-    /// Generation of the task instance that owns the sequence now.
+    id: u64,
     generation: u32,
-    /// Tokens whose KV is in `kv` (its first `kv.len()` entries), then the pending ones.
+    /// Prompt + generated tokens; positions `0..kv.len()` have KV.
     tokens: Vec<u32>,
+    prompt_len: usize,
+    params: SamplingParams,
+    rng: SamplerRng,
+    text: TextStream,
+    sink: Arc<RequestSink>,
+    task: ActorRef<TaskMsg>,
+    /// `None` while waiting: not yet admitted, or preempted.
+    kv: Option<SeqKv>,
+    preempted: bool,
+    last_token_at: Option<Instant>,
+    /// Exponentially weighted tokens per second.
+    rate: f64,
 }
 
-/// A sequence to run in this step, and where its logits (tagged with `step`) go.
-struct Job {
-    seq: u64,
-    step: u64,
-    reply: ActorRef<TaskMsg>,
+impl Sequence {
+    fn computed(&self) -> usize {
+        self.kv.as_ref().map_or(0, |kv| kv.len())
+    }
+
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    fn state(&self) -> RequestState {
+        match &self.kv {
+            None if self.preempted => RequestState::Preempted,
+            None => RequestState::Queued,
+            Some(kv) if self.tokens.len() - kv.len() > 1 => RequestState::Prefill,
+            Some(_) => RequestState::Decode,
+        }
+    }
+}
+
+/// KV an engine keeps for a request whose task is restarting.
+struct Parked {
+    generation: u32,
+    tokens: Vec<u32>,
+    kv: SeqKv,
+}
+
+/// A token sampled this step, not yet journaled.
+struct Sampled {
+    id: u64,
+    token: u32,
+    finish: Option<FinishReason>,
+}
+
+/// How a step went.
+enum Stepped {
+    /// It ran work.
+    Ran,
+    /// Nothing could run: wait for a message.
+    Idle,
+    /// This instance was abandoned (declared hung): stop without publishing anything.
+    Abandoned,
 }
 
 struct EngineThread {
     runtime: DeviceRuntime,
-    model: Arc<crate::services::LoadedModel>,
+    services: Arc<Services>,
+    model: Arc<LoadedModel>,
     heartbeat: Heartbeat,
-    sequences: HashMap<u64, Sequence>,
+    seqs: BTreeMap<u64, Sequence>,
+    parked: HashMap<u64, Parked>,
+    cost: CostModel,
+    budget: StepBudget,
+    lost: bool,
 }
 
 impl EngineThread {
     fn new(
         runtime: DeviceRuntime,
-        model: Arc<crate::services::LoadedModel>,
+        services: Arc<Services>,
+        model: Arc<LoadedModel>,
         heartbeat: Heartbeat,
     ) -> Self {
+        let config = &services.config;
+        let budget = StepBudget {
+            max_tokens: config.max_batch_tokens.max(1),
+            max_seqs: config.max_batch_seqs.max(1),
+            prefill_stall: config.prefill_stall,
+        };
         Self {
             runtime,
+            services,
             model,
             heartbeat,
-            sequences: HashMap::new(),
+            seqs: BTreeMap::new(),
+            parked: HashMap::new(),
+            cost: CostModel::default(),
+            budget,
+            lost: false,
         }
     }
 
-    /// Runs the engine loop on a rayon pool of its own: candle's CPU kernels then run on
-    /// the calling worker's pool without a hand-off per step, and a hung engine parks only
+    fn device_name(&self) -> String {
+        self.runtime.device.id().to_string()
+    }
+
+    /// Runs the engine loop on a rayon pool of its own: our kernels and candle's run on
+    /// the calling worker's pool without a hand-off per op, and a hung engine parks only
     /// its own pool's threads, never the global pool's.
     fn run(self, rx: Receiver<EngineMsg>) {
         let threads = std::env::var("RAYON_NUM_THREADS")
@@ -204,367 +332,771 @@ impl EngineThread {
     }
 
     fn serve(mut self, rx: Receiver<EngineMsg>) {
+        let device = self.device_name();
+        let poisoned = self
+            .runtime
+            .quarantine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .recover(&device);
+        for request in poisoned {
+            tracing::error!(target: "llmos::engine", request, %device, "poison request isolated: it fails alone");
+            self.services.metrics.poisoned.inc();
+        }
+        let mut idle = false;
         loop {
-            self.heartbeat.idle();
-            let Ok(first) = rx.recv() else { return };
+            if idle {
+                self.heartbeat.idle();
+                // A bounded wait: nothing changes without a message, but a periodic look
+                // costs nothing and guards against a missed wake-up.
+                match rx.recv_timeout(Duration::from_millis(500)) {
+                    Ok(message) => self.on_message(message),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
             if self.heartbeat.beat().is_err() {
                 return;
             }
-            let mut batch = vec![first];
-            batch.extend(rx.try_iter());
-            if !self.step(batch) {
-                return;
+            while let Ok(message) = rx.try_recv() {
+                self.on_message(message);
+            }
+            match self.step() {
+                Stepped::Ran => idle = false,
+                Stepped::Idle => idle = true,
+                Stepped::Abandoned => return,
             }
         }
     }
 
-    /// One engine step over a batch of requests; `false` once this instance is abandoned.
-    fn step(&mut self, batch: Vec<EngineMsg>) -> bool {
-        maybe_hang();
-        let started = Instant::now();
-        let mut jobs = Vec::new();
-        for message in batch {
-            match message {
-                EngineMsg::Detach { seq } => {
-                    if let Some(sequence) = self.sequences.remove(&seq) {
-                        sequence.kv.release();
-                    }
-                }
-                EngineMsg::Attach {
-                    seq,
-                    tokens,
-                    prompt_len,
-                    generation,
-                    step,
-                    reply,
-                } => {
-                    let superseded = self
-                        .sequences
-                        .get(&seq)
-                        .is_some_and(|s| s.generation > generation);
-                    if superseded {
-                        continue;
-                    }
-                    // A job already in this batch for the sequence came from the instance this
-                    // attach replaces (a task has one step outstanding at a time).
-                    jobs.retain(|job: &Job| job.seq != seq);
-                    let job = Job { seq, step, reply };
-                    match self.attach(seq, tokens, prompt_len, generation) {
-                        Ok(()) => jobs.push(job),
-                        Err(err) => fail_job(job, err),
-                    }
-                }
-                EngineMsg::Next {
-                    seq,
-                    token,
-                    generation,
-                    step,
-                    reply,
-                } => {
-                    let job = Job { seq, step, reply };
-                    match self.sequences.get_mut(&seq) {
-                        // A superseded task instance: its replacement owns the sequence.
-                        Some(sequence) if sequence.generation != generation => {}
-                        Some(sequence) => {
-                            sequence.tokens.push(token);
-                            jobs.push(job);
-                        }
-                        None => {
-                            let _ = job.reply.send_message(TaskMsg::Reattach { step: job.step });
-                        }
-                    }
-                }
-                EngineMsg::ThreadFailed(_) => {}
-            }
+    fn on_message(&mut self, message: EngineMsg) {
+        match message {
+            EngineMsg::Attach(attach) => self.attach(*attach),
+            EngineMsg::Detach { seq } => self.detach(seq),
+            EngineMsg::ThreadFailed(_) => {}
         }
-        if jobs.is_empty() {
-            return self.heartbeat.check().is_ok();
-        }
-        if let Err(err) = self.runtime.device.check() {
-            for job in jobs {
-                fail_job(job, InferenceError::Device(err.clone()));
-            }
-            return self.heartbeat.check().is_ok();
-        }
-        fault_point!(ENGINE_STEP_POINT);
-        let seqs: Vec<u64> = jobs.iter().map(|job| job.seq).collect();
-        let results = self.forward(&seqs);
-        // A thread that was declared hung and woke up must not publish anything.
-        if self.heartbeat.check().is_err() {
-            return false;
-        }
-        match results {
-            Ok(logits) => {
-                for (job, logits) in jobs.into_iter().zip(logits) {
-                    let _ = job.reply.send_message(TaskMsg::Logits {
-                        step: job.step,
-                        logits,
-                    });
-                }
-            }
-            Err(err) => {
-                let text = err.to_string();
-                for job in jobs {
-                    fail_job(job, InferenceError::Internal(text.clone()));
-                }
-            }
-        }
-        tracing::trace!(elapsed = ?started.elapsed(), "engine step");
-        true
     }
 
-    /// Makes `seq` hold KV for all of `tokens` but the last, which is left pending.
-    fn attach(
-        &mut self,
-        seq: u64,
-        tokens: Vec<u32>,
-        prompt_len: usize,
-        generation: u32,
-    ) -> Result<(), InferenceError> {
-        if tokens.is_empty() || prompt_len == 0 || prompt_len > tokens.len() {
-            return Err(InferenceError::Internal(format!(
-                "attach of {} tokens with prompt {prompt_len}",
-                tokens.len()
-            )));
+    /// Takes a request over from its task: keeps the KV this engine still holds for it
+    /// (as far as it agrees with the journal), else it waits for admission, which
+    /// restores what the pool can verify and recomputes the rest.
+    fn attach(&mut self, a: Attach) {
+        let reason = self
+            .runtime
+            .quarantine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_poisoned(a.seq);
+        if let Some(reason) = reason {
+            self.fail_request(a.seq, &a.sink, &a.task, a.generation, reason);
+            return;
         }
-        // KV is prepared up to `wanted`; the rest is fed by the step's forward. A request
-        // that has generated nothing feeds its whole prompt as one chunk, exactly as a
-        // replay does later: the same shapes round the same way, so recomputed KV is
-        // bit-identical to the original.
-        let wanted = if tokens.len() <= prompt_len {
-            0
-        } else {
-            tokens.len() - 1
-        };
-        let mut from_pool = false;
-        let mut sequence = match self.sequences.remove(&seq) {
-            // Still held from before the task restarted: keep the agreeing prefix.
-            Some(held) => {
-                let agree = held
-                    .tokens
-                    .iter()
-                    .zip(&tokens)
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                let mut kv = held.kv;
-                let keep = kv.len().min(agree).min(wanted);
-                kv.truncate(keep);
-                self.runtime
-                    .kv_stats
-                    .kept
-                    .fetch_add(keep as u64, Ordering::Relaxed);
-                Sequence {
-                    kv,
-                    generation,
-                    tokens: tokens[..keep].to_vec(),
-                }
-            }
-            // Not held by this engine instance: restore what validates from the pool.
-            None => {
-                let (kv, valid) = self.runtime.pool.restore(seq, &tokens[..wanted])?;
-                from_pool = true;
-                Sequence {
-                    tokens: tokens[..valid].to_vec(),
-                    generation,
-                    kv,
-                }
-            }
-        };
-        // A prefix that ends inside the prompt is recomputed from the start: the prompt
-        // was one chunk originally, and a shorter chunk would round differently.
-        if sequence.kv.len() < prompt_len && wanted > 0 {
-            sequence.kv.truncate(0);
-            sequence.tokens.clear();
+        if self.lost {
+            let _ = a.task.send_message(TaskMsg::Reattach);
+            return;
         }
-        if from_pool {
+        if a.tokens.is_empty() || a.prompt_len == 0 || a.prompt_len > a.tokens.len() {
+            let error = format!(
+                "attach of {} tokens with a prompt of {}",
+                a.tokens.len(),
+                a.prompt_len
+            );
+            self.fail_request(a.seq, &a.sink, &a.task, a.generation, error);
+            return;
+        }
+        if self
+            .seqs
+            .get(&a.seq)
+            .is_some_and(|s| s.generation > a.generation)
+        {
+            return;
+        }
+        let held = match self.seqs.remove(&a.seq) {
+            Some(s) => s.kv.map(|kv| (s.tokens, kv)),
+            None => None,
+        }
+        .or_else(|| {
+            self.parked
+                .remove(&a.seq)
+                .filter(|p| p.generation <= a.generation)
+                .map(|p| (p.tokens, p.kv))
+        });
+        let wanted = a.tokens.len() - 1;
+        let kv = held.map(|(tokens, mut kv)| {
+            let agree = tokens
+                .iter()
+                .zip(&a.tokens)
+                .take_while(|(x, y)| x == y)
+                .count();
+            let keep = kv.len().min(agree).min(wanted);
+            kv.truncate(keep);
             self.runtime
                 .kv_stats
-                .restored
-                .fetch_add(sequence.tokens.len() as u64, Ordering::Relaxed);
-        }
-        // Replay up to (not including) the last token with the original chunking.
-        let recompute = wanted - sequence.tokens.len();
-        tracing::info!(
-            target: "llmos::engine",
-            seq,
-            device = %self.runtime.device.id(),
-            positions = wanted,
-            restored = if from_pool { sequence.tokens.len() } else { 0 },
-            recomputed = recompute,
-            "sequence attached"
-        );
-        self.runtime
-            .kv_stats
-            .recomputed
-            .fetch_add(recompute as u64, Ordering::Relaxed);
-        while sequence.tokens.len() < wanted {
-            let start = sequence.tokens.len();
-            let end = if start < prompt_len {
-                prompt_len
-            } else {
-                start + 1
-            };
-            let chunk = &tokens[start..end];
-            if self.heartbeat.beat().is_err() {
-                return Err(InferenceError::Internal("engine abandoned".into()));
-            }
-            sequence.kv.record_tokens(start, chunk)?;
-            let model = &self.model.model;
-            let kv = &mut sequence.kv;
-            // On a rayon worker: candle's CPU kernels then run without a thread hop per op.
-            llmos_models::on_cpu_pool(|| {
-                model.forward(&mut [SeqStep {
-                    tokens: chunk,
-                    start_pos: start,
-                    kv,
-                }])
-            })?;
-            sequence.tokens.extend_from_slice(chunk);
-        }
-        sequence.tokens.extend_from_slice(&tokens[wanted..]);
-        self.sequences.insert(seq, sequence);
-        Ok(())
+                .kept
+                .fetch_add(keep as u64, Ordering::Relaxed);
+            kv
+        });
+        let sequence = Sequence {
+            id: a.seq,
+            generation: a.generation,
+            tokens: a.tokens,
+            prompt_len: a.prompt_len,
+            params: a.params,
+            rng: a.rng,
+            text: a.text,
+            sink: a.sink,
+            task: a.task,
+            kv,
+            preempted: false,
+            last_token_at: None,
+            rate: 0.0,
+        };
+        self.publish_status(&sequence);
+        self.seqs.insert(a.seq, sequence);
     }
 
-    /// One batched forward: each job's pending tokens (the prompt for a fresh sequence, one
-    /// token otherwise); returns the logits after each job's last token.
-    fn forward(&mut self, seqs: &[u64]) -> Result<Vec<Vec<f32>>, InferenceError> {
-        let mut taken = Vec::with_capacity(seqs.len());
-        for &seq in seqs {
-            match self.sequences.remove(&seq) {
-                Some(sequence) => taken.push((seq, sequence)),
-                None => {
-                    self.sequences.extend(taken);
-                    return Err(InferenceError::Internal(format!(
-                        "sequence {seq} is not attached or appears twice in one step"
-                    )));
+    fn detach(&mut self, seq: u64) {
+        if let Some(s) = self.seqs.remove(&seq) {
+            if let Some(kv) = s.kv {
+                kv.release();
+            }
+        }
+        if let Some(p) = self.parked.remove(&seq) {
+            p.kv.release();
+        }
+        self.forget(seq);
+    }
+
+    fn forget(&self, seq: u64) {
+        self.services.clear_status_on(seq, &self.device_name());
+        self.runtime
+            .quarantine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget(seq);
+    }
+
+    /// Fails a request for good: journals its end (when the journal takes it), tells its
+    /// client and its task.
+    fn fail_request(
+        &mut self,
+        seq: u64,
+        sink: &RequestSink,
+        task: &ActorRef<TaskMsg>,
+        generation: u32,
+        error: String,
+    ) {
+        tracing::error!(target: "llmos::engine", request = seq, %error, "request failed");
+        let end = Record::End {
+            request: seq,
+            reason: FinishReason::Error.code(),
+        };
+        let appended = self.services.journal().and_then(|journal| {
+            let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+            if self.services.task_generation(seq) != generation {
+                return Err(InferenceError::Superseded(seq));
+            }
+            let result = journal.append(&end);
+            self.services.note_journal_append(&result);
+            result.map_err(InferenceError::from)
+        });
+        if let Err(err) = appended {
+            tracing::warn!(request = seq, error = %err, "could not journal the failure");
+        }
+        sink.fail(error.clone());
+        let _ = task.send_message(TaskMsg::Failed { error });
+        self.detach(seq);
+    }
+
+    /// The device is lost: every request goes back to its task to be placed elsewhere.
+    fn device_lost(&mut self, error: &str) {
+        tracing::error!(target: "llmos::engine", device = %self.device_name(), %error, "device lost; handing requests back");
+        self.lost = true;
+        for (_, s) in std::mem::take(&mut self.seqs) {
+            let _ = s.task.send_message(TaskMsg::Reattach);
+            self.forget(s.id);
+        }
+        self.parked.clear();
+    }
+
+    /// Brings waiting sequences in, oldest first, while their KV fits.
+    fn admit_waiting(&mut self) {
+        let waiting: Vec<Candidate> = self
+            .seqs
+            .values()
+            .filter(|s| s.kv.is_none())
+            .map(|s| Candidate {
+                id: s.id,
+                computed: 0,
+                len: s.tokens.len(),
+                held_blocks: 0,
+            })
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        let stats = self.runtime.pool.stats();
+        let running = self.seqs.len() - waiting.len();
+        let mut admitted = batcher::admit(
+            &waiting,
+            running,
+            stats.free,
+            stats.total,
+            stats.block_tokens,
+            self.budget.max_seqs,
+        );
+        if admitted.is_empty() && !self.parked.is_empty() {
+            // KV kept for restarting tasks is worth less than a waiting request: it stays
+            // restorable from the pool.
+            self.parked.clear();
+            let stats = self.runtime.pool.stats();
+            admitted = batcher::admit(
+                &waiting,
+                running,
+                stats.free,
+                stats.total,
+                stats.block_tokens,
+                self.budget.max_seqs,
+            );
+        }
+        for id in admitted {
+            let Some(s) = self.seqs.get_mut(&id) else {
+                continue;
+            };
+            let wanted = s.tokens.len() - 1;
+            match self.runtime.pool.restore(id, &s.tokens[..wanted]) {
+                Ok((kv, valid)) => {
+                    let stats = &self.runtime.kv_stats;
+                    stats.restored.fetch_add(valid as u64, Ordering::Relaxed);
+                    stats
+                        .recomputed
+                        .fetch_add((wanted - valid) as u64, Ordering::Relaxed);
+                    tracing::info!(
+                        target: "llmos::engine",
+                        seq = id,
+                        device = %self.runtime.device.id(),
+                        positions = wanted,
+                        restored = valid,
+                        recomputed = wanted - valid,
+                        preempted = s.preempted,
+                        "sequence admitted"
+                    );
+                    s.kv = Some(kv);
                 }
+                Err(err) => {
+                    tracing::warn!(seq = id, error = %err, "cannot take KV for a sequence; it waits");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// One step: schedule, forward, sample, journal, deliver.
+    fn step(&mut self) -> Stepped {
+        let started = Instant::now();
+        if self.lost {
+            return Stepped::Idle;
+        }
+        if let Err(err) = self.runtime.device.check() {
+            self.device_lost(&err.to_string());
+            return Stepped::Idle;
+        }
+        self.admit_waiting();
+        let isolation = {
+            let seqs = &self.seqs;
+            self.runtime
+                .quarantine
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .plan(|id| seqs.get(&id).is_some_and(|s| s.kv.is_some()))
+        };
+        let mut plan = self.plan(&isolation);
+        if !plan.preempt.is_empty() && !self.parked.is_empty() {
+            self.parked.clear();
+            plan = self.plan(&isolation);
+        }
+        for id in &plan.preempt {
+            if let Some(s) = self.seqs.get_mut(id) {
+                // Dropped, not released: its sealed blocks stay restorable until needed.
+                s.kv = None;
+                s.preempted = true;
+                self.services.metrics.preemptions.inc();
+                tracing::info!(target: "llmos::engine", seq = id, device = %self.runtime.device.id(), "sequence preempted (KV memory)");
+            }
+        }
+        // Reserve each sequence's blocks now: a forward never runs out of memory midway.
+        let mut run = Vec::with_capacity(plan.run.len());
+        for (id, n) in plan.run {
+            let Some(s) = self.seqs.get_mut(&id) else {
+                continue;
+            };
+            let Some(kv) = s.kv.as_mut() else { continue };
+            let end = kv.len() + n;
+            match kv.reserve(end) {
+                Ok(()) => run.push((id, n)),
+                Err(err) => {
+                    tracing::warn!(seq = id, error = %err, "no KV room after planning; preempting");
+                    s.kv = None;
+                    s.preempted = true;
+                    self.services.metrics.preemptions.inc();
+                }
+            }
+        }
+        if run.is_empty() {
+            self.publish_all();
+            return Stepped::Idle;
+        }
+        if !matches!(isolation, Isolation::None) {
+            self.services.metrics.isolation_steps.inc();
+        }
+        let ids: Vec<u64> = run.iter().map(|(id, _)| *id).collect();
+        self.runtime
+            .quarantine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .begin_step(&ids);
+        maybe_hang(&ids);
+        fault_point!(ENGINE_STEP_POINT);
+        for &id in &ids {
+            fault_point!(&engine_step_point_for(id));
+        }
+        let forward_started = Instant::now();
+        let rows: usize = run.iter().map(|(_, n)| n).sum();
+        let result = self.forward(&run);
+        // A thread that was declared hung and woke up must not publish anything.
+        if self.heartbeat.check().is_err() {
+            return Stepped::Abandoned;
+        }
+        let logits = match result {
+            Ok(logits) => {
+                self.runtime
+                    .quarantine
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .step_passed();
+                self.cost
+                    .observe(rows, forward_started.elapsed().as_secs_f64());
+                logits
+            }
+            Err(err) => {
+                // A failing forward is handled like a crash, without a restart: retried,
+                // then narrowed down to the request that causes it.
+                let text = err.to_string();
+                tracing::warn!(target: "llmos::engine", error = %text, batch = ?ids, "engine step failed");
+                let device = self.device_name();
+                let poisoned = self
+                    .runtime
+                    .quarantine
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .step_failed(&device, &text);
+                for id in poisoned {
+                    self.services.metrics.poisoned.inc();
+                    let reason = self
+                        .runtime
+                        .quarantine
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take_poisoned(id)
+                        .unwrap_or(text.clone());
+                    if let Some(s) = self.seqs.get(&id) {
+                        let (sink, task, generation) = (s.sink.clone(), s.task.clone(), s.generation);
+                        self.fail_request(id, &sink, &task, generation, reason);
+                    }
+                }
+                return Stepped::Ran;
+            }
+        };
+        let sampled = self.sample(&run, logits);
+        self.commit(sampled);
+        let metrics = &self.services.metrics;
+        metrics.step_time.observe(started.elapsed().as_secs_f64());
+        metrics.batch_sequences.observe(run.len() as f64);
+        metrics.batch_tokens.observe(rows as f64);
+        self.publish_all();
+        Stepped::Ran
+    }
+
+    /// The batcher's decision for the sequences that hold KV.
+    fn plan(&self, isolation: &Isolation) -> batcher::Plan {
+        let stats = self.runtime.pool.stats();
+        let bt = stats.block_tokens;
+        let running: Vec<Candidate> = self
+            .seqs
+            .values()
+            .filter_map(|s| {
+                s.kv.as_ref().map(|kv| Candidate {
+                    id: s.id,
+                    computed: kv.len(),
+                    len: s.tokens.len(),
+                    held_blocks: kv.blocks().len(),
+                })
+            })
+            .collect();
+        let decodes = running.iter().filter(|c| c.len - c.computed == 1).count();
+        let allowance = self
+            .cost
+            .prefill_allowance(decodes, self.budget.prefill_stall);
+        batcher::plan(&running, stats.free, bt, self.budget, allowance, isolation)
+    }
+
+    /// One batched forward over `run` (sequence, tokens to feed); returns the logits of
+    /// the sequences whose chunk ends their pending tokens (they sample this step).
+    fn forward(&mut self, run: &[(u64, usize)]) -> Result<Vec<Option<Vec<f32>>>, InferenceError> {
+        let mut taken: Vec<Sequence> = run
+            .iter()
+            .filter_map(|(id, _)| self.seqs.remove(id))
+            .collect();
+        let mut wanted = Vec::with_capacity(taken.len());
+        let mut chunked = 0u64;
+        for (s, (_, n)) in taken.iter_mut().zip(run) {
+            let start = s.computed();
+            let end = start + n;
+            wanted.push(end == s.tokens.len());
+            if end < s.tokens.len() {
+                chunked += 1;
+            }
+            if let Some(kv) = s.kv.as_mut() {
+                // Errors here only delay sealing; the forward reports real problems.
+                let _ = kv.record_tokens(start, &s.tokens[start..end]);
+            }
+        }
+        self.services.metrics.chunked_prefills.inc_by(chunked);
+        for s in &taken {
+            if let Some(wait) = self.services.take_queue_wait(s.id) {
+                self.services.metrics.queue_wait.observe(wait.as_secs_f64());
             }
         }
         let model = &self.model.model;
+        let heartbeat = &self.heartbeat;
         let batch = &mut taken;
+        let wanted_ref = &wanted;
         let result = llmos_models::on_cpu_pool(|| {
             let mut steps: Vec<SeqStep<'_>> = batch
                 .iter_mut()
-                .map(|(_, Sequence { kv, tokens, .. })| {
-                    let start = kv.len();
-                    // Errors here only delay sealing; the forward reports real problems.
-                    let _ = kv.record_tokens(start, &tokens[start..]);
-                    SeqStep {
-                        tokens: &tokens[start..],
+                .zip(run)
+                .filter_map(|(s, (_, n))| {
+                    let start = s.kv.as_ref()?.len();
+                    let tokens = &s.tokens[start..start + n];
+                    Some(SeqStep {
+                        tokens,
                         start_pos: start,
-                        kv,
-                    }
+                        kv: s.kv.as_mut()?,
+                    })
                 })
                 .collect();
-            model.forward(&mut steps)
+            let mut beat = |_layer: usize| {
+                fault_point!(ENGINE_LAYER_POINT, |_| false);
+                heartbeat.beat().is_ok()
+            };
+            model.forward_with(
+                &mut steps,
+                StepOptions {
+                    logits: Some(wanted_ref),
+                    on_layer: Some(&mut beat),
+                },
+            )
         });
-        self.sequences.extend(taken);
-        result
-            .map_err(InferenceError::from)?
-            .into_iter()
-            .map(|t| {
-                t.flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(|e| InferenceError::Internal(format!("logits: {e}")))
-            })
-            .collect()
-    }
-}
-
-fn fail_job(job: Job, error: InferenceError) {
-    let _ = job.reply.send_message(TaskMsg::StepFailed {
-        step: job.step,
-        error: error.to_string(),
-        device_lost: matches!(error, InferenceError::Device(_)),
-        out_of_blocks: matches!(
-            error,
-            InferenceError::Kv(llmos_kv::KvError::OutOfBlocks { .. })
-        ),
-    });
-}
-
-/// Blocks this thread forever when `engine.hang` fires: a stuck kernel, as the heartbeat
-/// watchdog sees it.
-fn maybe_hang() {
-    fault_point!(ENGINE_HANG_POINT, |_| {
-        loop {
-            std::thread::park();
+        for s in taken {
+            self.seqs.insert(s.id, s);
         }
-    });
-}
+        Ok(result?)
+    }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::RuntimeConfig;
-    use crate::kvpool::DevicePool;
-    use crate::services::{DeviceRuntime, KvSourceStats};
-    use llmos_device::{DeviceId, LogicalDevice};
-    use std::time::Duration;
-
-    fn argmax(logits: &[f32]) -> u32 {
-        let mut best = 0;
-        for (i, v) in logits.iter().enumerate() {
-            if *v > logits[best] {
-                best = i;
+    /// Samples the next token of every sequence whose logits came back. A panic in one
+    /// request's sampling (or the `task.step` fault point) crashes that request's task
+    /// only: the engine parks its KV for the task's next instance.
+    fn sample(&mut self, run: &[(u64, usize)], logits: Vec<Option<Vec<f32>>>) -> Vec<Sampled> {
+        let context = self.model.context;
+        let eos = self.model.eos;
+        let tokenizer = self.model.tokenizer.clone();
+        let mut sampled = Vec::new();
+        let mut crashed = Vec::new();
+        for ((id, _), logits) in run.iter().zip(logits) {
+            let Some(logits) = logits else { continue };
+            let Some(s) = self.seqs.get_mut(id) else {
+                continue;
+            };
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                let token = sample(&logits, &s.params, &s.tokens, &mut s.rng)?;
+                fault_point!(TASK_STEP_POINT, |_| Err(InferenceError::Internal(
+                    "injected task.step fault".into()
+                )));
+                Ok::<u32, InferenceError>(token)
+            }));
+            let token = match outcome {
+                Ok(Ok(token)) => token,
+                Ok(Err(err)) => {
+                    crashed.push((*id, err.to_string()));
+                    continue;
+                }
+                Err(panic) => {
+                    crashed.push((*id, panic_text(&panic)));
+                    continue;
+                }
+            };
+            s.tokens.push(token);
+            s.text.push(&tokenizer, token);
+            let generated = s.tokens.len() - s.prompt_len;
+            let mut finish = if token == eos {
+                Some(FinishReason::Stop)
+            } else if generated >= s.params.max_tokens || s.tokens.len() >= context {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if finish.is_some() {
+                s.text.finish();
+            }
+            if finish.is_none() && s.text.stopped() {
+                finish = Some(FinishReason::Stop);
+            }
+            sampled.push(Sampled {
+                id: *id,
+                token,
+                finish,
+            });
+        }
+        for (id, reason) in crashed {
+            if let Some(s) = self.seqs.remove(&id) {
+                tracing::warn!(target: "llmos::engine", request = id, %reason, "request crashed in its step");
+                if let Some(kv) = s.kv {
+                    self.parked.insert(
+                        id,
+                        Parked {
+                            generation: s.generation,
+                            tokens: s.tokens,
+                            kv,
+                        },
+                    );
+                }
+                let _ = s.task.send_message(TaskMsg::Crashed { reason });
             }
         }
-        best as u32
+        sampled
     }
 
-    /// Recomputed KV must be bit-identical to the KV of the original run: the replay
-    /// repeats the original shapes (prompt as one chunk, then one token at a time).
-    #[test]
-    fn replayed_kv_gives_bit_identical_logits() {
-        llmos_device::init_cpu_threads(2);
-        let dir = tempfile::tempdir().unwrap();
-        let model_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../../shared/models/stories260K/stories260K-f32.gguf");
-        let mut config = RuntimeConfig::new(model_path, dir.path());
-        config.kv_budget_bytes = 4 << 20;
-        let model = Arc::new(crate::models_actor::load_model(&config).unwrap());
-        let device = LogicalDevice::open(DeviceId::cpu(0)).unwrap();
-        let pool = DevicePool::open(&config, model.model.kv_shape(), device.id(), "test").unwrap();
-        let runtime = DeviceRuntime {
-            device,
-            pool,
-            kv_stats: Arc::new(KvSourceStats::default()),
+    /// Journals the step's tokens (and ends) in one group append, then delivers them.
+    fn commit(&mut self, sampled: Vec<Sampled>) {
+        if sampled.is_empty() {
+            return;
+        }
+        let attempts = self.services.config.journal_attempts.max(1);
+        let mut delay = Duration::from_millis(1);
+        let mut outcome = Err(None);
+        let mut included: Vec<&Sampled> = Vec::new();
+        let mut superseded: Vec<u64> = Vec::new();
+        for attempt in 0..attempts {
+            included.clear();
+            superseded.clear();
+            let result = self.append_step(&sampled, &mut included, &mut superseded);
+            match result {
+                Ok(()) => {
+                    outcome = Ok(());
+                    break;
+                }
+                Err(err) => {
+                    tracing::warn!(attempt, error = %err, "journal group append failed");
+                    let rejected = matches!(err, InferenceError::Journal(JournalError::Rejected { .. }));
+                    outcome = Err(Some(err));
+                    if rejected {
+                        break;
+                    }
+                    // A transient error often clears at once: the first retry is
+                    // immediate, later ones back off.
+                    if attempt > 0 && attempt + 1 < attempts {
+                        std::thread::sleep(delay);
+                        delay *= 4;
+                    }
+                }
+            }
+        }
+        for id in superseded {
+            // A newer task instance owns the request: keep the KV for its attach.
+            if let Some(mut s) = self.seqs.remove(&id) {
+                s.tokens.pop();
+                if let Some(kv) = s.kv {
+                    self.parked.insert(
+                        id,
+                        Parked {
+                            generation: s.generation,
+                            tokens: s.tokens,
+                            kv,
+                        },
+                    );
+                }
+            }
+        }
+        match outcome {
+            Ok(()) => {
+                let delivered: Vec<(u64, u32, Option<FinishReason>)> = included
+                    .iter()
+                    .map(|s| (s.id, s.token, s.finish))
+                    .collect();
+                for (id, token, finish) in delivered {
+                    self.deliver(id, token, finish);
+                }
+            }
+            Err(Some(InferenceError::Journal(JournalError::Rejected { violation }))) => {
+                // One request's record broke the sequence rules: find it, fail it alone.
+                let ids: Vec<u64> = included.iter().map(|s| s.id).collect();
+                let singles: Vec<Sampled> = sampled
+                    .into_iter()
+                    .filter(|s| ids.contains(&s.id))
+                    .collect();
+                for one in singles {
+                    let mut inc = Vec::new();
+                    let mut sup = Vec::new();
+                    match self.append_step(std::slice::from_ref(&one), &mut inc, &mut sup) {
+                        Ok(()) if !inc.is_empty() => self.deliver(one.id, one.token, one.finish),
+                        Ok(()) => {}
+                        Err(err) => {
+                            if let Some(s) = self.seqs.get(&one.id) {
+                                let (sink, task, generation) =
+                                    (s.sink.clone(), s.task.clone(), s.generation);
+                                let error = format!("the journal refused its token ({violation}): {err}");
+                                self.fail_request(one.id, &sink, &task, generation, error);
+                            }
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                // Retried already: a restart would fail the same way. The requests fail
+                // cleanly; every token their clients saw is durable.
+                let error = match err {
+                    Some(err) => format!("the journal refused writes: {err}"),
+                    None => "the journal refused writes".to_string(),
+                };
+                let ids: Vec<u64> = included.iter().map(|s| s.id).collect();
+                for id in ids {
+                    if let Some(s) = self.seqs.remove(&id) {
+                        s.sink.fail(error.clone());
+                        let _ = s.task.send_message(TaskMsg::Failed {
+                            error: error.clone(),
+                        });
+                        self.forget(id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One group append of `sampled` (those whose task instance is still current, listed
+    /// in `included`; the others in `superseded`), fenced by generation under the
+    /// journal's lock.
+    fn append_step<'s>(
+        &self,
+        sampled: &'s [Sampled],
+        included: &mut Vec<&'s Sampled>,
+        superseded: &mut Vec<u64>,
+    ) -> Result<(), InferenceError> {
+        let journal = self.services.journal()?;
+        let mut journal = journal.lock().unwrap_or_else(|e| e.into_inner());
+        let mut records = Vec::with_capacity(sampled.len() + 4);
+        for one in sampled {
+            let Some(s) = self.seqs.get(&one.id) else {
+                continue;
+            };
+            // Checked under the journal lock: a newer instance reads the journal under the
+            // same lock after taking its generation, so no write slips in between.
+            if self.services.task_generation(one.id) != s.generation {
+                superseded.push(one.id);
+                continue;
+            }
+            records.push(Record::Token {
+                request: one.id,
+                index: (s.generated() - 1) as u32,
+                token: one.token,
+                sampler_state: s.rng.state(),
+            });
+            if let Some(reason) = one.finish {
+                records.push(Record::End {
+                    request: one.id,
+                    reason: reason.code(),
+                });
+            }
+            included.push(one);
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        let result = journal.append_batch(&records);
+        self.services.note_journal_append(&result);
+        Ok(result?)
+    }
+
+    /// Hands a journaled token to the request's clients; ends the request if it is done.
+    fn deliver(&mut self, id: u64, token: u32, finish: Option<FinishReason>) {
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return;
         };
-        let mut engine = EngineThread::new(
-            runtime,
-            model.clone(),
-            Heartbeat::detached(Duration::from_secs(60)),
-        );
-        let prompt = model.tokenizer.encode("Once upon a time", true).unwrap();
-        let p = prompt.len();
-
-        // The original run: the prompt, then greedy tokens one at a time.
-        let mut tokens = prompt.clone();
-        engine.attach(1, tokens.clone(), p, 1).unwrap();
-        let mut original = vec![engine.forward(&[1]).unwrap().remove(0)];
-        for _ in 0..12 {
-            let next = argmax(original.last().unwrap());
-            tokens.push(next);
-            engine.sequences.get_mut(&1).unwrap().tokens.push(next);
-            original.push(engine.forward(&[1]).unwrap().remove(0));
+        let now = Instant::now();
+        let index = (s.generated() - 1) as u32;
+        s.sink.deliver(index, token, s.text.visible().text);
+        let metrics = &self.services.metrics;
+        match s.last_token_at {
+            Some(last) => {
+                let gap = now.duration_since(last).as_secs_f64();
+                metrics.inter_token_latency.observe(gap);
+                if gap > 0.0 {
+                    s.rate = if s.rate == 0.0 { 1.0 / gap } else { 0.8 * s.rate + 0.2 / gap };
+                }
+            }
+            None if index == 0 => {
+                if let Some(submitted) = self.services.submitted_at(id) {
+                    metrics
+                        .time_to_first_token
+                        .observe(now.duration_since(submitted).as_secs_f64());
+                }
+            }
+            None => {}
         }
-
-        // A fresh sequence (nothing to restore) attached mid-way recomputes its KV.
-        for generated in [1, 5, 12] {
-            let seq = 100 + generated as u64;
-            engine
-                .attach(seq, tokens[..p + generated].to_vec(), p, 1)
-                .unwrap();
-            let replayed = engine.forward(&[seq]).unwrap().remove(0);
-            let same_bits = replayed
-                .iter()
-                .zip(&original[generated])
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(
-                same_bits,
-                "logits after {generated} generated tokens differ"
-            );
+        s.last_token_at = Some(now);
+        let Some(reason) = finish else { return };
+        let s = self.seqs.remove(&id).expect("present above");
+        s.sink.finish(reason, s.prompt_len, s.generated());
+        let _ = s.task.send_message(TaskMsg::Finished);
+        if let Some(kv) = s.kv {
+            kv.release();
         }
+        self.forget(id);
+    }
+
+    fn status_of(&self, s: &Sequence) -> RequestStatus {
+        RequestStatus {
+            device: self.device_name(),
+            state: s.state(),
+            prompt_tokens: s.prompt_len,
+            generated: s.generated(),
+            kv_positions: s.computed(),
+            tokens_per_sec: s.rate,
+        }
+    }
+
+    fn publish_status(&self, s: &Sequence) {
+        self.services.set_status([(s.id, self.status_of(s))]);
+    }
+
+    /// Publishes every held request's state (for `llmos ctl requests` and `top`).
+    fn publish_all(&self) {
+        let updates: Vec<(u64, RequestStatus)> = self
+            .seqs
+            .values()
+            .map(|s| (s.id, self.status_of(s)))
+            .collect();
+        self.services.set_status(updates);
+    }
+}
+
+/// Blocks this thread forever when `engine.hang` (or `engine.hang:req-N` for a request
+/// of the step) fires: a stuck kernel, as the heartbeat watchdog sees it.
+fn maybe_hang(ids: &[u64]) {
+    let hang = || loop {
+        std::thread::park();
+    };
+    fault_point!(ENGINE_HANG_POINT, |_| hang());
+    for &id in ids {
+        fault_point!(&engine_hang_point_for(id), |_| hang());
     }
 }

@@ -23,6 +23,15 @@ pub enum InferenceError {
     /// The prompt is empty after tokenisation.
     #[error("the prompt is empty")]
     EmptyPrompt,
+    /// The request can never fit: its prompt and `max_tokens` need more KV memory than
+    /// any device has.
+    #[error("the request needs KV memory for {needed} tokens (prompt + max_tokens); the largest device holds {capacity}")]
+    TooLarge {
+        /// Positions the request may need.
+        needed: usize,
+        /// Positions the largest healthy device's pool holds.
+        capacity: usize,
+    },
     /// Too many requests in flight.
     #[error("overloaded: {0}")]
     Overloaded(String),

@@ -67,10 +67,9 @@ impl DevicePool {
         }
     }
 
-    /// Whether the pool could give a sequence of `tokens` positions its blocks now.
-    pub fn can_hold(&self, tokens: usize) -> bool {
-        let stats = self.pool.stats();
-        stats.free * self.block_tokens >= tokens
+    /// Positions the whole pool holds: the longest sequence it can ever take.
+    pub fn capacity_positions(&self) -> usize {
+        self.pool.stats().total * self.block_tokens
     }
 
     /// Block usage.

@@ -33,7 +33,8 @@ use crate::sampler::SamplingParams;
 use crate::scheduler::{SchedulerActor, SchedulerMsg, SCHEDULER_PATH};
 use crate::services::{DeviceRuntime, Services};
 use crate::sink::{FinishReason, RequestSink, StreamEvent};
-use crate::task::{task_spec, visible_upto, RequestParams, REQUESTS_PATH};
+use crate::task::{task_spec, RequestParams, REQUESTS_PATH};
+use crate::text::{visible_after, TextStream};
 
 /// A running inference system.
 #[derive(Clone)]
@@ -78,11 +79,7 @@ impl Runtime {
         for id in &config.devices {
             let device = LogicalDevice::open(*id)?;
             let pool = DevicePool::open(&config, shape, *id, &model.name)?;
-            devices.push(DeviceRuntime {
-                device,
-                pool,
-                kv_stats: Arc::default(),
-            });
+            devices.push(DeviceRuntime::new(device, pool));
         }
         let services = Arc::new(Services::new(config, devices));
         services.set_model(model);
@@ -148,7 +145,7 @@ impl Runtime {
             });
         }
         let needed = (prompt_tokens.len() + params.max_tokens).min(model.context);
-        self.admit(needed).await?;
+        self.admit(needed, false).await?;
         let runtime = self.clone();
         let payload = RequestParams {
             sampling: params,
@@ -189,6 +186,7 @@ impl Runtime {
         }
         let (sink, events) = RequestSink::new(0, 0);
         self.services.add_sink(id, Arc::new(sink));
+        self.services.note_submitted(id);
         if let Err(err) = self
             .kernel
             .start_child(REQUESTS_PATH, task_spec(self.services.clone(), id))
@@ -273,19 +271,17 @@ impl Runtime {
             let params: RequestParams = serde_json::from_slice(&log.params)
                 .map_err(|e| InferenceError::Corrupt(format!("request {id}: params: {e}")))?;
             let delivered = log.delivered.min(log.tokens.len() as u32);
-            let mut tokens = log.prompt_tokens.clone();
-            tokens.extend_from_slice(&log.tokens);
-            let shown = visible_upto(
-                &model,
-                &tokens,
-                log.prompt_tokens.len(),
-                delivered as usize,
+            let shown = visible_after(
+                &model.tokenizer,
+                &log.prompt_tokens,
                 &params.sampling.stop,
+                &log.tokens,
+                delivered as usize,
                 false,
             );
             let (sink, events) = RequestSink::new(delivered, shown.len());
             self.services.add_sink(id, Arc::new(sink));
-            let _ = self.admit(0).await;
+            let _ = self.admit(0, true).await;
             self.kernel
                 .start_child(REQUESTS_PATH, task_spec(self.services.clone(), id))
                 .await?;
@@ -400,30 +396,29 @@ impl Runtime {
         let model = self.services.model()?;
         let params: RequestParams = serde_json::from_slice(&log.params)
             .map_err(|e| InferenceError::Corrupt(format!("request {id}: params: {e}")))?;
-        let stop = &params.sampling.stop;
         let prompt_len = log.prompt_tokens.len();
         let total = log.tokens.len();
         let to = to.min(total);
-        let mut tokens = log.prompt_tokens.clone();
-        tokens.extend_from_slice(&log.tokens);
-        // The last token of a finished request was delivered with the hold-back released.
-        let shown = |count: usize| {
-            let finished = log.finished.is_some() && count == total;
-            visible_upto(&model, &tokens, prompt_len, count, stop, finished)
-        };
+        // The text each token showed: the stream run over the tokens, as the engine ran
+        // it (the last token of a finished request released the hold-back).
+        let mut text = TextStream::new(&model.tokenizer, &log.prompt_tokens, &params.sampling.stop);
         let mut events = Vec::new();
-        let mut before = shown(from as usize);
-        for index in from as usize..to {
-            let after = shown(index + 1);
-            let text = after.get(before.len()..).unwrap_or("").to_string();
-            if after.len() > before.len() {
-                before = after;
+        let mut before = 0;
+        for (index, &token) in log.tokens.iter().enumerate().take(to) {
+            text.push(&model.tokenizer, token);
+            if log.finished.is_some() && index + 1 == total {
+                text.finish();
             }
-            events.push(StreamEvent::Token {
-                index: index as u32,
-                token: log.tokens[index],
-                text,
-            });
+            let shown = text.visible().text;
+            if index >= from as usize {
+                let fresh = shown.get(before..).unwrap_or("").to_string();
+                events.push(StreamEvent::Token {
+                    index: index as u32,
+                    token,
+                    text: fresh,
+                });
+            }
+            before = before.max(shown.len());
         }
         if to == total {
             match log.finished.map(FinishReason::from_code) {
@@ -464,14 +459,28 @@ impl Runtime {
         Ok(self.kernel.addr::<SchedulerMsg>(SCHEDULER_PATH)?)
     }
 
-    async fn admit(&self, tokens: usize) -> Result<(), InferenceError> {
-        self.scheduler()
+    async fn admit(&self, tokens: usize, resumed: bool) -> Result<(), InferenceError> {
+        let waited = self
+            .scheduler()
             .await?
             .call(
-                |reply| SchedulerMsg::Admit { tokens, reply },
-                Some(Duration::from_secs(30)),
+                |reply| SchedulerMsg::Admit {
+                    tokens,
+                    resumed,
+                    reply,
+                },
+                Some(self.services.config.queue_timeout),
             )
-            .await?
+            .await;
+        match waited {
+            Err(llmos_kernel::KernelError::CallTimeout { .. }) => Err(InferenceError::Overloaded(
+                format!(
+                    "no admission slot freed within {:?}",
+                    self.services.config.queue_timeout
+                ),
+            )),
+            other => other?,
+        }
     }
 
     async fn release(&self, request: u64) {
@@ -525,7 +534,11 @@ fn tree(services: &Arc<Services>) -> SupervisorSpec {
     let mut devices = SupervisorSpec::new(Strategy::OneForOne);
     for (index, runtime) in services.devices.iter().enumerate() {
         let (s_pool, s_engine) = (services.clone(), services.clone());
+        // An engine that crashes on a poison request restarts a few times while the crash
+        // ledger narrows the step down to it (see `quarantine`): allow for that here, so
+        // only a device that keeps failing on everything escalates.
         let device = SupervisorSpec::new(Strategy::OneForAll)
+            .intensity(30, Duration::from_secs(10))
             .child(ChildSpec::worker("pool", move |_ctx| {
                 (
                     PoolActor {

@@ -116,16 +116,60 @@ impl SamplerRng {
 
 /// Picks the next token. `history` is the prompt plus the tokens generated so far (for the
 /// repetition penalty). Greedy sampling draws nothing from the RNG.
+///
+/// The draw is defined without sorting the vocabulary, and the result is exactly that of
+/// [`sample_reference`] (which sorts): scores are divided by the temperature; the
+/// candidates are the `top_k` best (by score, then lower id), then the shortest prefix of
+/// them in that order whose probability reaches `top_p`; weights are `exp(s − max)` in
+/// f64, summed in ascending token id; one uniform draw in `[0, 1)` times that sum picks
+/// the first candidate, in ascending token id, whose running sum exceeds it. Only the
+/// candidates are ever sorted, found by partial selection.
 pub fn sample(
     logits: &[f32],
     params: &SamplingParams,
     history: &[u32],
     rng: &mut SamplerRng,
 ) -> Result<u32, InferenceError> {
+    let scores = penalised(logits, params, history)?;
+    if params.temperature == 0.0 {
+        return Ok(argmax(&scores));
+    }
+    let scaled: Vec<f32> = scores.iter().map(|s| s / params.temperature).collect();
+    let better = |a: &u32, b: &u32| {
+        scaled[*b as usize]
+            .total_cmp(&scaled[*a as usize])
+            .then(a.cmp(b))
+    };
+    let vocab = scaled.len();
+    // The top-k candidates (all when top_k is 0 or covers the vocabulary), unordered.
+    let mut candidates: Vec<u32> = (0..vocab as u32).collect();
+    if params.top_k > 0 && params.top_k < vocab {
+        candidates.select_nth_unstable_by(params.top_k - 1, better);
+        candidates.truncate(params.top_k);
+    }
+    let max = candidates
+        .iter()
+        .map(|&i| scaled[i as usize])
+        .fold(f32::NEG_INFINITY, f32::max);
+    let weight = |i: u32| f64::from(scaled[i as usize] - max).exp();
+    if params.top_p < 1.0 {
+        candidates.sort_unstable();
+        let total = sum_by_id(&candidates, weight);
+        candidates = nucleus(candidates, params.top_p, total, weight, better);
+    }
+    candidates.sort_unstable();
+    Ok(draw_by_id(&candidates, weight, rng))
+}
+
+/// The scores after the repetition penalty (borrowed when it changes nothing).
+fn penalised<'a>(
+    logits: &'a [f32],
+    params: &SamplingParams,
+    history: &[u32],
+) -> Result<std::borrow::Cow<'a, [f32]>, InferenceError> {
     if logits.is_empty() {
         return Err(InferenceError::Internal("empty logits".into()));
     }
-    // Copied only when the penalty changes scores: the common path reads the logits as is.
     let mut scores = std::borrow::Cow::Borrowed(logits);
     if params.repetition_penalty != 1.0 {
         let scores = scores.to_mut();
@@ -148,50 +192,100 @@ pub fn sample(
     if scores.iter().any(|s| s.is_nan()) {
         return Err(InferenceError::Internal("NaN in logits".into()));
     }
+    Ok(scores)
+}
+
+/// `Σ weight(i)` over `ids` (ascending) in that order.
+fn sum_by_id(ids: &[u32], weight: impl Fn(u32) -> f64) -> f64 {
+    ids.iter().map(|&i| weight(i)).sum()
+}
+
+/// The shortest prefix of `candidates` in `better` order whose probability (weights over
+/// `total`) reaches `top_p`. Sorts only as far as needed: the best 64, then 256, … until
+/// the prefix is found.
+fn nucleus(
+    mut candidates: Vec<u32>,
+    top_p: f32,
+    total: f64,
+    weight: impl Fn(u32) -> f64,
+    better: impl Fn(&u32, &u32) -> std::cmp::Ordering + Copy,
+) -> Vec<u32> {
+    let mut head = 64.min(candidates.len());
+    loop {
+        if head < candidates.len() {
+            candidates.select_nth_unstable_by(head - 1, better);
+        }
+        candidates[..head].sort_unstable_by(better);
+        let mut cumulative = 0.0;
+        for (i, &c) in candidates[..head].iter().enumerate() {
+            cumulative += weight(c) / total;
+            if cumulative >= f64::from(top_p) {
+                candidates.truncate(i + 1);
+                return candidates;
+            }
+        }
+        if head == candidates.len() {
+            return candidates;
+        }
+        head = (head * 4).min(candidates.len());
+    }
+}
+
+/// One draw over `ids` (ascending), weighted by `weight`.
+fn draw_by_id(ids: &[u32], weight: impl Fn(u32) -> f64, rng: &mut SamplerRng) -> u32 {
+    let total = sum_by_id(ids, &weight);
+    let draw: f64 = rng.rng.gen::<f64>() * total;
+    let mut cumulative = 0.0;
+    for &i in ids {
+        cumulative += weight(i);
+        if draw < cumulative {
+            return i;
+        }
+    }
+    ids[ids.len() - 1]
+}
+
+/// The definition [`sample`] implements, written the plain way: sort the whole
+/// vocabulary. Kept as the oracle of the property tests.
+pub fn sample_reference(
+    logits: &[f32],
+    params: &SamplingParams,
+    history: &[u32],
+    rng: &mut SamplerRng,
+) -> Result<u32, InferenceError> {
+    let scores = penalised(logits, params, history)?;
     if params.temperature == 0.0 {
         return Ok(argmax(&scores));
     }
-
-    // Candidates sorted by score (ties by token id, so the order is a pure function).
-    let mut candidates: Vec<(u32, f32)> = scores
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (i as u32, *s / params.temperature))
-        .collect();
-    candidates.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if params.top_k > 0 && params.top_k < candidates.len() {
-        candidates.truncate(params.top_k);
+    let scaled: Vec<f32> = scores.iter().map(|s| s / params.temperature).collect();
+    let mut order: Vec<u32> = (0..scaled.len() as u32).collect();
+    order.sort_by(|a, b| {
+        scaled[*b as usize]
+            .total_cmp(&scaled[*a as usize])
+            .then(a.cmp(b))
+    });
+    if params.top_k > 0 && params.top_k < order.len() {
+        order.truncate(params.top_k);
     }
-    let max = candidates[0].1;
-    let mut probs: Vec<f64> = candidates
-        .iter()
-        .map(|(_, s)| f64::from(s - max).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
+    let max = scaled[order[0] as usize];
+    let weight = |i: u32| f64::from(scaled[i as usize] - max).exp();
     if params.top_p < 1.0 {
+        let mut by_id = order.clone();
+        by_id.sort_unstable();
+        let total = sum_by_id(&by_id, weight);
         let mut cumulative = 0.0;
-        let mut keep = probs.len();
-        for (i, p) in probs.iter().enumerate() {
-            cumulative += p;
+        let mut keep = order.len();
+        for (i, &c) in order.iter().enumerate() {
+            cumulative += weight(c) / total;
             if cumulative >= f64::from(params.top_p) {
                 keep = i + 1;
                 break;
             }
         }
-        probs.truncate(keep);
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
+        order.truncate(keep);
     }
-    let draw: f64 = rng.rng.gen();
-    let mut cumulative = 0.0;
-    for (i, p) in probs.iter().enumerate() {
-        cumulative += p;
-        if draw < cumulative {
-            return Ok(candidates[i].0);
-        }
-    }
-    Ok(candidates[probs.len() - 1].0)
+    order.sort_unstable();
+    Ok(draw_by_id(&order, weight, rng))
 }
 
 fn argmax(scores: &[f32]) -> u32 {
@@ -334,5 +428,35 @@ mod tests {
             assert!(err.contains(field), "{err}");
         }
         assert!(params(0.8).validate().is_ok());
+    }
+
+    /// The partial-selection sampler and the sorting oracle agree on every draw, ties and
+    /// all, over random logits, parameters and seeds.
+    #[test]
+    fn partial_selection_equals_the_sorting_reference() {
+        for case in 0..400u64 {
+            let mut gen = rand_chacha::ChaCha8Rng::seed_from_u64(case);
+            let vocab = [2usize, 7, 50, 300, 2000][gen.gen_range(0..5)];
+            // Few distinct values, so ties are common.
+            let levels = gen.gen_range(1..12);
+            let logits: Vec<f32> = (0..vocab)
+                .map(|_| gen.gen_range(0..levels) as f32 * 0.7 - 3.0)
+                .collect();
+            let params = SamplingParams {
+                temperature: [0.0, 0.3, 0.8, 1.0, 2.5][gen.gen_range(0..5)],
+                top_k: [0, 1, 2, 5, 40, 5000][gen.gen_range(0..6)],
+                top_p: [1.0, 0.9, 0.5, 0.1, 0.999][gen.gen_range(0..5)],
+                repetition_penalty: [1.0, 1.3][gen.gen_range(0..2)],
+                seed: case,
+                ..SamplingParams::default()
+            };
+            let history: Vec<u32> = (0..5).map(|_| gen.gen_range(0..vocab as u32)).collect();
+            let (mut a, mut b) = (SamplerRng::new(case), SamplerRng::new(case));
+            for draw in 0..20 {
+                let fast = sample(&logits, &params, &history, &mut a).unwrap();
+                let slow = sample_reference(&logits, &params, &history, &mut b).unwrap();
+                assert_eq!(fast, slow, "case {case} draw {draw}: {params:?}");
+            }
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The scheduler: admits requests (or answers "overloaded"), places sequences on healthy
 //! devices, and moves them when their engine fails, hangs or their device is lost.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use llmos_device::DeviceId;
@@ -23,10 +23,15 @@ pub fn engine_path(device: DeviceId) -> String {
 
 /// Requests to the scheduler.
 pub enum SchedulerMsg {
-    /// May one more request start? Reserves a slot when it may.
+    /// May one more request start? Answers at once when a slot is free (reserving it),
+    /// later when one frees up if the admission queue has room, else "overloaded".
     Admit {
-        /// Tokens the request may need (prompt + max new tokens) for the KV check.
+        /// Tokens the request may need (prompt + max new tokens): it must fit a device's
+        /// KV memory on its own.
         tokens: usize,
+        /// Take a slot even above the limit (a request resumed from the journal: it was
+        /// admitted by an earlier process).
+        resumed: bool,
         /// The answer.
         reply: RpcReplyPort<Result<(), InferenceError>>,
     },
@@ -58,6 +63,8 @@ pub struct SchedulerActor {
 /// Scheduler state: admitted requests and their placement.
 pub struct SchedulerState {
     active: usize,
+    /// Admissions waiting for a slot, oldest first.
+    queue: VecDeque<RpcReplyPort<Result<(), InferenceError>>>,
     placement: HashMap<u64, DeviceId>,
     watching: bool,
 }
@@ -74,6 +81,7 @@ impl Actor for SchedulerActor {
     ) -> Result<SchedulerState, ActorProcessingErr> {
         Ok(SchedulerState {
             active: 0,
+            queue: VecDeque::new(),
             placement: HashMap::new(),
             watching: false,
         })
@@ -102,9 +110,11 @@ impl Actor for SchedulerActor {
         state: &mut SchedulerState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            SchedulerMsg::Admit { tokens, reply } => {
-                let _ = reply.send(self.admit(state, tokens));
-            }
+            SchedulerMsg::Admit {
+                tokens,
+                resumed,
+                reply,
+            } => self.admit(state, tokens, resumed, reply),
             SchedulerMsg::Place { request, reply } => {
                 let placed = self.place(state, request);
                 let _ = reply.send(placed);
@@ -112,6 +122,7 @@ impl Actor for SchedulerActor {
             SchedulerMsg::Release { request } => {
                 state.placement.remove(&request);
                 state.active = state.active.saturating_sub(1);
+                self.admit_queued(state);
             }
             SchedulerMsg::Kernel(event) => self.on_kernel_event(state, event),
             SchedulerMsg::Watch => self.watch(&myself, state),
@@ -175,14 +186,13 @@ impl SchedulerActor {
         });
     }
 
-    fn admit(&self, state: &mut SchedulerState, tokens: usize) -> Result<(), InferenceError> {
-        let limit = self.services.config.max_active;
-        if state.active >= limit {
-            return Err(InferenceError::Overloaded(format!(
-                "{} requests in flight (limit {limit})",
-                state.active
-            )));
-        }
+    fn admit(
+        &self,
+        state: &mut SchedulerState,
+        tokens: usize,
+        resumed: bool,
+        reply: RpcReplyPort<Result<(), InferenceError>>,
+    ) {
         let healthy: Vec<_> = self
             .services
             .devices
@@ -190,15 +200,61 @@ impl SchedulerActor {
             .filter(|d| d.device.is_healthy())
             .collect();
         if healthy.is_empty() {
-            return Err(InferenceError::NoDevice("every device is lost".into()));
+            let _ = reply.send(Err(InferenceError::NoDevice("every device is lost".into())));
+            return;
         }
-        if !healthy.iter().any(|d| d.pool.can_hold(tokens)) {
-            return Err(InferenceError::Overloaded(format!(
-                "no device has KV room for {tokens} tokens"
-            )));
+        let capacity = healthy
+            .iter()
+            .map(|d| d.pool.capacity_positions())
+            .max()
+            .unwrap_or(0);
+        if tokens > capacity {
+            let _ = reply.send(Err(InferenceError::TooLarge {
+                needed: tokens,
+                capacity,
+            }));
+            return;
         }
-        state.active += 1;
-        Ok(())
+        let limit = self.services.config.max_active;
+        if resumed || state.active < limit {
+            // A caller that went away while asking takes no slot.
+            if reply.send(Ok(())).is_ok() {
+                state.active += 1;
+            }
+            return;
+        }
+        let max_queued = self.services.config.max_queued;
+        state.queue.retain(|waiting| !waiting.is_closed());
+        if state.queue.len() < max_queued {
+            state.queue.push_back(reply);
+        } else {
+            let _ = reply.send(Err(InferenceError::Overloaded(format!(
+                "{} requests in flight (limit {limit}) and {} waiting (limit {max_queued})",
+                state.active,
+                state.queue.len()
+            ))));
+        }
+        self.services
+            .metrics
+            .admission_queue
+            .set(state.queue.len() as i64);
+    }
+
+    /// Hands free slots to queued admissions, oldest first; callers that went away are
+    /// skipped and take nothing.
+    fn admit_queued(&self, state: &mut SchedulerState) {
+        while state.active < self.services.config.max_active {
+            let Some(waiting) = state.queue.pop_front() else {
+                break;
+            };
+            if waiting.send(Ok(())).is_ok() {
+                state.active += 1;
+            }
+        }
+        self.services
+            .metrics
+            .admission_queue
+            .set(state.queue.len() as i64);
     }
 
     fn place(

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use llmos_device::LogicalDevice;
 use llmos_journal::{Journal, JournalError};
@@ -16,6 +16,8 @@ use llmos_models::{Model, Tokenizer};
 use crate::config::RuntimeConfig;
 use crate::error::InferenceError;
 use crate::kvpool::DevicePool;
+use crate::metrics::EngineMetrics;
+use crate::quarantine::Quarantine;
 use crate::sink::RequestSink;
 
 /// A model ready to serve: weights, tokenizer and the facts admission needs.
@@ -74,6 +76,71 @@ pub struct DeviceRuntime {
     pub pool: DevicePool,
     /// How attached sequences got their KV on this device.
     pub kv_stats: Arc<KvSourceStats>,
+    /// The crash ledger of this device's engine (outlives engine restarts).
+    pub(crate) quarantine: Arc<Mutex<Quarantine>>,
+}
+
+impl DeviceRuntime {
+    /// A device with its pool and fresh counters.
+    pub(crate) fn new(device: LogicalDevice, pool: DevicePool) -> Self {
+        Self {
+            device,
+            pool,
+            kv_stats: Arc::default(),
+            quarantine: Arc::default(),
+        }
+    }
+
+    /// Requests under suspicion of crashing this device's engine now.
+    pub fn suspects(&self) -> Vec<u64> {
+        self.quarantine
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .suspects()
+    }
+}
+
+/// Where a request stands in its engine ([`Services::request_status`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestState {
+    /// Waiting for KV memory or a step (not yet run since it was attached).
+    Queued,
+    /// Feeding its prompt (or recomputing KV) in chunks.
+    Prefill,
+    /// Generating one token per step.
+    Decode,
+    /// Its KV was taken for others; it resumes when memory frees.
+    Preempted,
+}
+
+impl RequestState {
+    /// Lower-case name, as `llmos ctl requests` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RequestState::Queued => "queued",
+            RequestState::Prefill => "prefill",
+            RequestState::Decode => "decode",
+            RequestState::Preempted => "preempted",
+        }
+    }
+}
+
+/// A request's live state as its engine last reported it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct RequestStatus {
+    /// The device whose engine holds it.
+    pub device: String,
+    /// Queued, prefill, decode or preempted.
+    pub state: RequestState,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Tokens generated so far.
+    pub generated: usize,
+    /// Positions whose KV the engine holds.
+    pub kv_positions: usize,
+    /// Recent generation rate (exponentially weighted), tokens per second.
+    pub tokens_per_sec: f64,
 }
 
 /// Where the KV of (re)attached sequences came from, in positions: kept by the engine,
@@ -110,7 +177,12 @@ pub struct Services {
     sinks: Mutex<HashMap<u64, Arc<RequestSink>>>,
     kernel: OnceLock<Kernel>,
     next_request: AtomicU64,
-    task_starts: Mutex<HashMap<u64, u32>>,
+    tasks: Mutex<HashMap<u64, TaskRecord>>,
+    status: Mutex<HashMap<u64, RequestStatus>>,
+    submitted: Mutex<HashMap<u64, Instant>>,
+    queue_waited: Mutex<std::collections::HashSet<u64>>,
+    /// The engines' Prometheus metrics.
+    pub metrics: EngineMetrics,
     journal_health: JournalHealth,
     /// Idempotency tag → request id (`Runtime::submit_tagged`); `None` until first used,
     /// then built from the journal once and kept up to date by submissions.
@@ -127,7 +199,11 @@ impl Services {
             sinks: Mutex::new(HashMap::new()),
             kernel: OnceLock::new(),
             next_request: AtomicU64::new(1),
-            task_starts: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(HashMap::new()),
+            status: Mutex::new(HashMap::new()),
+            submitted: Mutex::new(HashMap::new()),
+            queue_waited: Mutex::new(std::collections::HashSet::new()),
+            metrics: EngineMetrics::default(),
             journal_health: JournalHealth::default(),
             tags: Mutex::new(None),
         }
@@ -143,29 +219,111 @@ impl Services {
         f(tags.get_or_insert_with(scan))
     }
 
-    /// Counts one more start of `request`'s task; returns the count.
-    pub(crate) fn note_task_start(&self, request: u64) -> u32 {
-        let mut starts = self.task_starts.lock().unwrap_or_else(|e| e.into_inner());
-        let count = starts.entry(request).or_insert(0);
-        *count += 1;
-        *count
+    /// Starts a new instance of `request`'s task: returns its generation (a newer one
+    /// fences off every older one; see the engine's journal appends).
+    pub(crate) fn next_task_generation(&self, request: u64) -> u32 {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let record = tasks.entry(request).or_default();
+        record.generation += 1;
+        record.generation
     }
 
-    /// The generation of `request`'s newest task instance (its start count).
+    /// Records that an instance of `request`'s task started with `tokens` journaled;
+    /// returns how many starts in a row found no new token since the one before (0 when
+    /// the request progressed, or at its first start).
+    pub(crate) fn note_task_progress(&self, request: u64, tokens: usize) -> u32 {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let record = tasks.entry(request).or_default();
+        match record.tokens_at_last_start {
+            Some(before) if tokens <= before => record.stalled_starts += 1,
+            _ => record.stalled_starts = 0,
+        }
+        record.tokens_at_last_start = Some(tokens);
+        record.stalled_starts
+    }
+
+    /// The generation of `request`'s newest task instance.
     pub(crate) fn task_generation(&self, request: u64) -> u32 {
-        self.task_starts
+        self.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&request)
+            .map_or(0, |r| r.generation)
+    }
+
+    /// The request has ended: forget its task record, status and submission time.
+    pub(crate) fn forget_request(&self, request: u64) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&request);
+        self.clear_status(request);
+        self.submitted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&request);
+        self.queue_waited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&request);
+    }
+
+    /// Records when `request` was submitted (for time to first token and queue wait).
+    pub(crate) fn note_submitted(&self, request: u64) {
+        self.submitted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(request, Instant::now());
+    }
+
+    /// The time `request` waited from submission to its first step, once (later calls,
+    /// and requests not submitted in this process, get `None`).
+    pub(crate) fn take_queue_wait(&self, request: u64) -> Option<std::time::Duration> {
+        let mut waited = self.queue_waited.lock().unwrap_or_else(|e| e.into_inner());
+        if waited.contains(&request) {
+            return None;
+        }
+        let submitted = self.submitted_at(request)?;
+        waited.insert(request);
+        Some(submitted.elapsed())
+    }
+
+    /// When `request` was submitted in this process.
+    pub(crate) fn submitted_at(&self, request: u64) -> Option<Instant> {
+        self.submitted
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&request)
             .copied()
-            .unwrap_or(0)
     }
 
-    pub(crate) fn forget_task_starts(&self, request: u64) {
-        self.task_starts
+    /// Publishes the engine's view of several requests at once.
+    pub(crate) fn set_status(&self, updates: impl IntoIterator<Item = (u64, RequestStatus)>) {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        for (request, s) in updates {
+            status.insert(request, s);
+        }
+    }
+
+    /// Forgets `request`'s status if `device` published it (a request that moved keeps
+    /// the status its new device publishes).
+    pub(crate) fn clear_status_on(&self, request: u64, device: &str) {
+        let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        if status.get(&request).is_some_and(|s| s.device == device) {
+            status.remove(&request);
+        }
+    }
+
+    pub(crate) fn clear_status(&self, request: u64) {
+        self.status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&request);
+    }
+
+    /// Every request an engine holds, with its state, as last reported.
+    pub fn request_status(&self) -> HashMap<u64, RequestStatus> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The loaded model (set by the `models` actor).
@@ -273,6 +431,14 @@ impl Services {
     pub fn state_dir(&self) -> &PathBuf {
         &self.config.state_dir
     }
+}
+
+/// What the services remember of one request's task across its instances.
+#[derive(Debug, Default)]
+struct TaskRecord {
+    generation: u32,
+    stalled_starts: u32,
+    tokens_at_last_start: Option<usize>,
 }
 
 /// Outcomes of journal appends, so health can tell a journal that refuses writes from one

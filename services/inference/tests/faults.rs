@@ -215,7 +215,8 @@ async fn a_request_that_always_crashes_fails_alone_with_a_clear_error() {
     llmos_kernel::faults::clear("task.step");
     let error = out.error.expect("the request fails");
     assert!(
-        error.contains("failed 8 times") && error.contains("task.step"),
+        error.contains("crashed 8 times in a row without producing a token")
+            && error.contains("task.step"),
         "{error}"
     );
     let seen: Vec<KernelEvent> = std::iter::from_fn(|| events.try_next()).collect();
@@ -230,6 +231,26 @@ async fn a_request_that_always_crashes_fails_alone_with_a_clear_error() {
     assert!(KNOWN_CONTINUATION.starts_with(next.text.trim_end()) || next.text.len() > 20);
     assert!(runtime.resume_unfinished().await.unwrap().is_empty());
     runtime.shutdown("test").await;
+}
+
+/// A request that crashes again and again but produces tokens in between is never given
+/// up: 15 crashes, well past the 8 starts without progress that fail a request, and the
+/// text is still the fault-free text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_progresses_between_crashes_is_never_given_up() {
+    let _serial = SERIAL.lock().await;
+    for temperature in [0.0, 0.8] {
+        let clean = run(None, temperature, &[DeviceId::cpu(0)], None).await;
+        let mut spec = String::from("task.step=");
+        for _ in 0..15 {
+            spec.push_str("2*off->1*panic->");
+        }
+        spec.push_str("off");
+        let faulty = run(Some(&spec), temperature, &[DeviceId::cpu(0)], None).await;
+        assert_eq!(faulty.error, None, "temperature {temperature}");
+        assert_eq!(faulty.tokens, clean.tokens, "temperature {temperature}");
+        assert_eq!(faulty.text, clean.text, "temperature {temperature}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

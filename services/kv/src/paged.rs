@@ -10,12 +10,13 @@
 //! after that loses nothing from the pool. Positions committed before their tokens are
 //! recorded stay readable but are sealed only once the tokens arrive.
 
-use candle_core::{DType, Device, Storage, Tensor};
+use std::borrow::Cow;
+
 
 use crate::error::KvError;
 use crate::layout::{self, BlockMeta};
 use crate::pool::{BlockId, BlockPool, SharedPool};
-use crate::store::{rows_of, KvShape, KvStore};
+use crate::store::{check_rows, KvShape, KvStore, KvView};
 
 /// One sequence's K/V in a shared [`BlockPool`]: a handle on the pool plus the sequence's
 /// block table. Dropping it gives the blocks back; blocks already sealed stay restorable
@@ -299,27 +300,6 @@ impl SeqState {
     }
 }
 
-/// Rows of `tensor` (`[count, n_kv_heads, head_dim]`): the row count, and a converted copy
-/// unless the tensor's own f32 CPU storage can be read in place.
-fn prepare(
-    shape: KvShape,
-    tensor: &Tensor,
-    what: &str,
-) -> Result<(usize, Option<Vec<f32>>), KvError> {
-    let dims = tensor.dims();
-    if dims.len() != 3 || dims[1] != shape.n_kv_heads || dims[2] != shape.head_dim {
-        return Err(KvError::Shape(format!(
-            "{what} has shape {dims:?}, expected [_, {}, {}]",
-            shape.n_kv_heads, shape.head_dim
-        )));
-    }
-    if tensor.dtype() == DType::F32 && tensor.device().is_cpu() && tensor.is_contiguous() {
-        return Ok((dims[0], None));
-    }
-    let (count, rows) = rows_of(shape, tensor, what)?;
-    Ok((count, Some(rows)))
-}
-
 /// Copies rows for positions `start..` into the blocks of `table`.
 fn scatter(
     pool: &mut BlockPool,
@@ -344,62 +324,55 @@ fn scatter(
     }
 }
 
-/// Writes one tensor's rows: in place from its storage when `owned` is `None`.
-fn scatter_tensor(
-    pool: &mut BlockPool,
+/// Positions `0..len` of one layer's keys (`kind` 0) or values (`kind` 1), one run per
+/// block: borrowed in place where the mapped bytes can be read as f32 (aligned, on a
+/// little-endian target), else converted.
+fn runs<'p>(
+    pool: &'p BlockPool,
     seq: &SeqState,
     layer: usize,
     kind: usize,
-    start: usize,
-    tensor: &Tensor,
-    owned: Option<&[f32]>,
-) -> Result<(), KvError> {
-    if let Some(rows) = owned {
-        scatter(pool, seq, layer, kind, start, rows);
-        return Ok(());
-    }
-    let (storage, layout) = tensor.storage_and_layout();
-    let (Storage::Cpu(cpu), Some((from, to))) = (&*storage, layout.contiguous_offsets()) else {
-        return Err(KvError::Shape("tensor is not contiguous CPU f32".into()));
-    };
-    scatter(
-        pool,
-        seq,
-        layer,
-        kind,
-        start,
-        &cpu.as_slice::<f32>()?[from..to],
-    );
-    Ok(())
-}
-
-/// Gathers positions `0..len` of one layer's keys or values: one copy per block.
-fn gather(pool: &BlockPool, seq: &SeqState, layer: usize, kind: usize, len: usize) -> Vec<f32> {
+    len: usize,
+) -> Vec<Cow<'p, [f32]>> {
     let row = seq.shape.row_len();
     let bt = seq.block_tokens;
-    let mut out = Vec::with_capacity(len * row);
+    let mut out = Vec::with_capacity(len.div_ceil(bt));
     for (i, &block) in seq.table.iter().enumerate().take(len.div_ceil(bt)) {
         let run = bt.min(len - i * bt);
         let at = layout::run_offset(row, bt, layer, kind, 0);
-        extend_f32s(&mut out, &pool.block_data(block)[at..at + run * row * 4]);
+        out.push(f32s(&pool.block_data(block)[at..at + run * row * 4]));
     }
     out
 }
 
-/// The pool stores f32 little-endian in bytes (a file has no alignment or endianness of
-/// its own, and viewing mapped bytes as `[f32]` would take `unsafe`). On little-endian
-/// targets these loops compile to plain vector copies.
+/// The pool stores f32 little-endian in bytes (a file has no endianness of its own). On a
+/// little-endian target with aligned bytes (the map is page-aligned and rows are whole
+/// f32s, so always in practice) the rows are viewed in place through `bytemuck`'s checked
+/// cast; anything else is converted.
 fn put_f32s(dst: &mut [u8], src: &[f32]) {
+    if cfg!(target_endian = "little") {
+        if let Ok(rows) = bytemuck::try_cast_slice_mut::<u8, f32>(dst) {
+            rows.copy_from_slice(src);
+            return;
+        }
+    }
     for (d, s) in dst.chunks_exact_mut(4).zip(src) {
         d.copy_from_slice(&s.to_le_bytes());
     }
 }
 
-fn extend_f32s(out: &mut Vec<f32>, src: &[u8]) {
-    out.extend(
+/// Rows of f32 from the pool's bytes (see [`put_f32s`]).
+fn f32s(src: &[u8]) -> Cow<'_, [f32]> {
+    if cfg!(target_endian = "little") {
+        if let Ok(rows) = bytemuck::try_cast_slice::<u8, f32>(src) {
+            return Cow::Borrowed(rows);
+        }
+    }
+    Cow::Owned(
         src.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-    );
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
 }
 
 impl KvStore for PagedKv {
@@ -422,14 +395,16 @@ impl KvStore for PagedKv {
         Ok(())
     }
 
-    fn write(&mut self, layer: usize, start: usize, k: &Tensor, v: &Tensor) -> Result<(), KvError> {
+    fn write_rows(
+        &mut self,
+        layer: usize,
+        start: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), KvError> {
         let seq = &mut self.seq;
         seq.check_layer(layer)?;
-        let (count, k_rows) = prepare(seq.shape, k, "k")?;
-        let (v_count, v_rows) = prepare(seq.shape, v, "v")?;
-        if count != v_count {
-            return Err(KvError::Shape(format!("{count} keys but {v_count} values")));
-        }
+        let count = check_rows(seq.shape.row_len(), k, v)?;
         if start > seq.written[layer] {
             return Err(KvError::OutOfRange(format!(
                 "write at {start} leaves a gap (have {})",
@@ -448,8 +423,8 @@ impl KvStore for PagedKv {
         if start < seq.sealed {
             seq.unseal_to(&mut pool, start);
         }
-        scatter_tensor(&mut pool, seq, layer, 0, start, k, k_rows.as_deref())?;
-        scatter_tensor(&mut pool, seq, layer, 1, start, v, v_rows.as_deref())?;
+        scatter(&mut pool, seq, layer, 0, start, k);
+        scatter(&mut pool, seq, layer, 1, start, v);
         seq.written[layer] = end;
         // Positions from `start` are being rewritten: no longer complete in every layer
         // until the next commit (otherwise a later seal would vouch for stale rows).
@@ -457,7 +432,13 @@ impl KvStore for PagedKv {
         Ok(())
     }
 
-    fn read(&self, layer: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor), KvError> {
+    /// Lends the rows in place while holding the pool's lock.
+    fn view(
+        &self,
+        layer: usize,
+        len: usize,
+        f: &mut dyn FnMut(&KvView<'_>),
+    ) -> Result<(), KvError> {
         let seq = &self.seq;
         seq.check_layer(layer)?;
         if len > seq.written[layer] {
@@ -467,14 +448,15 @@ impl KvStore for PagedKv {
             )));
         }
         let pool = self.pool.lock();
-        let k = gather(&pool, seq, layer, 0, len);
-        let v = gather(&pool, seq, layer, 1, len);
-        drop(pool);
-        let dims = (len, seq.shape.n_kv_heads, seq.shape.head_dim);
-        Ok((
-            Tensor::from_vec(k, dims, device)?,
-            Tensor::from_vec(v, dims, device)?,
-        ))
+        let view = KvView::new(
+            seq.shape.row_len(),
+            seq.block_tokens,
+            len,
+            runs(&pool, seq, layer, 0, len),
+            runs(&pool, seq, layer, 1, len),
+        );
+        f(&view);
+        Ok(())
     }
 
     /// Also seals what became committed (see the module docs for the cost).

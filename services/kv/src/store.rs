@@ -1,6 +1,8 @@
 //! The KV store contract between the model forward and KV memory, and a contiguous
 //! implementation (one growing buffer per layer) for single sequences and baselines.
 
+use std::borrow::Cow;
+
 use candle_core::{Device, Tensor};
 
 use crate::error::KvError;
@@ -24,16 +26,18 @@ impl KvShape {
     }
 }
 
-/// Where one sequence's keys and values live. The forward calls, for each layer, `write`
-/// for the new positions and then `read` for everything up to them.
+/// Where one sequence's keys and values live. The forward calls, for each layer,
+/// [`KvStore::write_rows`] for the new positions and then [`KvStore::view`] to attend over
+/// everything up to them.
 ///
 /// Contract: `reserve(n)` before a forward that ends at position `n` (it may fail with
-/// [`KvError::OutOfBlocks`], leaving the store unchanged); `write(layer, start, k, v)` with
-/// `k`, `v` of shape `[count, n_kv_heads, head_dim]` (f32, any device) stores positions
-/// `start..start+count`; `read(layer, len, device)` returns positions `0..len` as two
-/// tensors of shape `[len, n_kv_heads, head_dim]` on `device`. `len()` counts positions
-/// written in every layer (the forward bumps it with `commit`); a write at `start` below
-/// `len()` un-commits the positions from `start` until the next `commit`.
+/// [`KvError::OutOfBlocks`], leaving the store unchanged); `write_rows(layer, start, k, v)`
+/// with `k`, `v` holding `count` rows of `n_kv_heads × head_dim` f32 stores positions
+/// `start..start+count`; `view(layer, len, f)` lends positions `0..len` to `f` in place.
+/// `len()` counts positions written in every layer (the forward bumps it with `commit`);
+/// a write at `start` below `len()` un-commits the positions from `start` until the next
+/// `commit`. The tensor forms [`KvStore::write`] and [`KvStore::read`] are conveniences on
+/// top of these.
 pub trait KvStore {
     /// The cache's shape.
     fn shape(&self) -> KvShape;
@@ -45,14 +49,101 @@ pub trait KvStore {
     }
     /// Makes room for positions `0..total`.
     fn reserve(&mut self, total: usize) -> Result<(), KvError>;
-    /// Stores K and V of `layer` for positions `start..start+count`.
-    fn write(&mut self, layer: usize, start: usize, k: &Tensor, v: &Tensor) -> Result<(), KvError>;
-    /// K and V of `layer` for positions `0..len`.
-    fn read(&self, layer: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor), KvError>;
+    /// Stores K and V rows of `layer` for positions `start..start+count`
+    /// (`k.len() == v.len() == count × row_len`).
+    fn write_rows(&mut self, layer: usize, start: usize, k: &[f32], v: &[f32])
+        -> Result<(), KvError>;
+    /// Lends K and V of `layer` for positions `0..len` to `f`, without copying where the
+    /// storage allows.
+    fn view(&self, layer: usize, len: usize, f: &mut dyn FnMut(&KvView<'_>))
+        -> Result<(), KvError>;
     /// Declares positions `0..len` complete in every layer.
     fn commit(&mut self, len: usize) -> Result<(), KvError>;
     /// Forgets positions `len..` (the next forward recomputes them).
     fn truncate(&mut self, len: usize);
+
+    /// [`KvStore::write_rows`] from tensors of shape `[count, n_kv_heads, head_dim]`.
+    fn write(&mut self, layer: usize, start: usize, k: &Tensor, v: &Tensor) -> Result<(), KvError> {
+        let shape = self.shape();
+        let (count, k) = rows_of(shape, k, "k")?;
+        let (v_count, v) = rows_of(shape, v, "v")?;
+        if count != v_count {
+            return Err(KvError::Shape(format!("{count} keys but {v_count} values")));
+        }
+        self.write_rows(layer, start, &k, &v)
+    }
+
+    /// K and V of `layer` for positions `0..len` as two `[len, n_kv_heads, head_dim]`
+    /// tensors on `device` (a copy).
+    fn read(&self, layer: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor), KvError> {
+        let shape = self.shape();
+        let row = shape.row_len();
+        let (mut keys, mut values) = (Vec::with_capacity(len * row), Vec::with_capacity(len * row));
+        self.view(layer, len, &mut |view| {
+            for pos in 0..view.len() {
+                keys.extend_from_slice(view.key(pos));
+                values.extend_from_slice(view.value(pos));
+            }
+        })?;
+        let dims = (len, shape.n_kv_heads, shape.head_dim);
+        Ok((
+            Tensor::from_vec(keys, dims, device)?,
+            Tensor::from_vec(values, dims, device)?,
+        ))
+    }
+}
+
+/// Positions `0..len` of one layer's keys and values, lent in place: runs of consecutive
+/// positions (one per block of a paged store), each a slice of rows.
+#[derive(Debug)]
+pub struct KvView<'a> {
+    row: usize,
+    run: usize,
+    len: usize,
+    keys: Vec<Cow<'a, [f32]>>,
+    values: Vec<Cow<'a, [f32]>>,
+}
+
+impl<'a> KvView<'a> {
+    /// A view of `len` positions stored in runs of `run` positions (the last may be
+    /// shorter); `keys[i]` and `values[i]` hold run `i`'s rows of `row` f32 each.
+    pub fn new(
+        row: usize,
+        run: usize,
+        len: usize,
+        keys: Vec<Cow<'a, [f32]>>,
+        values: Vec<Cow<'a, [f32]>>,
+    ) -> Self {
+        Self {
+            row,
+            run: run.max(1),
+            len,
+            keys,
+            values,
+        }
+    }
+
+    /// Positions in view.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is in view.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The key row (`n_kv_heads × head_dim`) of position `pos`.
+    pub fn key(&self, pos: usize) -> &[f32] {
+        let at = (pos % self.run) * self.row;
+        &self.keys[pos / self.run][at..at + self.row]
+    }
+
+    /// The value row of position `pos`.
+    pub fn value(&self, pos: usize) -> &[f32] {
+        let at = (pos % self.run) * self.row;
+        &self.values[pos / self.run][at..at + self.row]
+    }
 }
 
 /// One growing f32 buffer per layer for K and for V.
@@ -74,6 +165,18 @@ impl ContiguousKv {
             len: 0,
         }
     }
+}
+
+/// Checks that `k` and `v` hold the same whole number of rows of `row` f32.
+pub(crate) fn check_rows(row: usize, k: &[f32], v: &[f32]) -> Result<usize, KvError> {
+    if row == 0 || k.len() % row != 0 || k.len() != v.len() {
+        return Err(KvError::Shape(format!(
+            "{} key and {} value floats are not whole rows of {row}",
+            k.len(),
+            v.len()
+        )));
+    }
+    Ok(k.len() / row)
 }
 
 pub(crate) fn rows_of(
@@ -112,16 +215,18 @@ impl KvStore for ContiguousKv {
         Ok(())
     }
 
-    fn write(&mut self, layer: usize, start: usize, k: &Tensor, v: &Tensor) -> Result<(), KvError> {
+    fn write_rows(
+        &mut self,
+        layer: usize,
+        start: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), KvError> {
         let row = self.shape.row_len();
         if layer >= self.shape.n_layers {
             return Err(KvError::OutOfRange(format!("layer {layer}")));
         }
-        let (count, k) = rows_of(self.shape, k, "k")?;
-        let (v_count, v) = rows_of(self.shape, v, "v")?;
-        if count != v_count {
-            return Err(KvError::Shape(format!("{count} keys but {v_count} values")));
-        }
+        check_rows(row, k, v)?;
         // Rewritten positions are not complete in every layer until the next commit.
         self.len = self.len.min(start);
         for (buf, data) in [(&mut self.keys[layer], k), (&mut self.values[layer], v)] {
@@ -132,13 +237,21 @@ impl KvStore for ContiguousKv {
                 )));
             }
             buf.truncate(start * row);
-            buf.extend_from_slice(&data);
+            buf.extend_from_slice(data);
         }
         Ok(())
     }
 
-    fn read(&self, layer: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor), KvError> {
+    fn view(
+        &self,
+        layer: usize,
+        len: usize,
+        f: &mut dyn FnMut(&KvView<'_>),
+    ) -> Result<(), KvError> {
         let row = self.shape.row_len();
+        if layer >= self.shape.n_layers {
+            return Err(KvError::OutOfRange(format!("layer {layer}")));
+        }
         let (keys, values) = (&self.keys[layer], &self.values[layer]);
         if keys.len() < len * row {
             return Err(KvError::OutOfRange(format!(
@@ -146,11 +259,14 @@ impl KvStore for ContiguousKv {
                 keys.len() / row
             )));
         }
-        let dims = (len, self.shape.n_kv_heads, self.shape.head_dim);
-        Ok((
-            Tensor::from_slice(&keys[..len * row], dims, device)?,
-            Tensor::from_slice(&values[..len * row], dims, device)?,
-        ))
+        f(&KvView::new(
+            row,
+            len,
+            len,
+            vec![Cow::Borrowed(&keys[..len * row])],
+            vec![Cow::Borrowed(&values[..len * row])],
+        ));
+        Ok(())
     }
 
     fn commit(&mut self, len: usize) -> Result<(), KvError> {

@@ -86,6 +86,9 @@ pub enum ModelError {
     /// outside the vocabulary, position past the context, KV shape of another model…).
     #[error("invalid forward input: {0}")]
     InvalidInput(String),
+    /// The step's progress callback asked to stop (its engine was abandoned).
+    #[error("forward step abandoned before layer {0}")]
+    Aborted(usize),
     /// A chat template does not compile, raised an exception (`raise_exception`) or failed
     /// while rendering.
     #[error("chat template {0}")]

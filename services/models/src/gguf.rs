@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use std::io::Cursor;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
-use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 
@@ -17,7 +18,7 @@ use crate::config::{ModelConfig, RopeLayout, SourceFormat};
 use crate::error::{ModelError, Result};
 use crate::model::{compile_template, Parts};
 use crate::progress::{LoadProgress, Tracker};
-use crate::weights::{aligned_for, to_f32, Fused, Layer, RawLinear, Weights};
+use crate::weights::{aligned_for, to_f32, Fused, Layer, Linear, RawLinear, Weights};
 
 /// Parses the header and metadata of a GGUF file.
 pub(crate) fn read_content(path: &Path) -> Result<Content> {
@@ -493,25 +494,26 @@ pub(crate) fn load(path: &Path, device: &Device, progress: &dyn Fn(LoadProgress)
             qkv: Fused::build(qkv, device)?,
             wo: t
                 .linear(&name("attn_output"), dim, qd)?
-                .into_matmul(device)?,
+                .into_linear(device)?,
             ffn_norm: t.dense(&name("ffn_norm"), &[dim])?,
             gate_up: Fused::build(gate_up, device)?,
             down: t
                 .linear(&name("ffn_down"), dim, c.ffn_dim)?
-                .into_matmul(device)?,
+                .into_linear(device)?,
         });
     }
     let norm = t.dense("output_norm.weight", &[dim])?;
+    let embed = Arc::new(embed.flatten_all()?.to_vec1::<f32>()?);
     let lm_head = if t.has("output.weight") {
         t.linear("output.weight", c.vocab_size, dim)?
-            .into_matmul(device)?
+            .into_linear(device)?
     } else if Tensors::is_float(t.info("token_embd.weight")?.ggml_dtype).is_some() {
         // Tied float weights: share the embedding's storage instead of a second copy.
-        QMatMul::Tensor(embed.clone())
+        Linear::shared(embed.clone(), c.vocab_size)
     } else {
         // Tied quantized weights: the quantized matmul is faster than the f32 copy.
         t.linear("token_embd.weight", c.vocab_size, dim)?
-            .into_matmul(device)?
+            .into_linear(device)?
     };
     tracker.finish();
     Ok(Parts {

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -14,7 +15,7 @@ use crate::config::{ModelConfig, RopeLayout, SourceFormat};
 use crate::error::{ModelError, Result};
 use crate::model::{compile_template, Parts};
 use crate::progress::{LoadProgress, Tracker};
-use crate::weights::{to_f32, Fused, Layer, RawLinear, Weights};
+use crate::weights::{to_f32, Fused, Layer, Linear, RawLinear, Weights};
 
 /// The `config.json` fields a Llama-family model needs.
 #[derive(Debug, Deserialize)]
@@ -492,17 +493,18 @@ pub(crate) fn load(dir: &Path, device: &Device, progress: &dyn Fn(LoadProgress))
         layers.push(Layer {
             attn_norm: get(&name("input_layernorm"), &[dim])?,
             qkv: Fused::build(qkv, device)?,
-            wo: lin("self_attn.o_proj", dim, qd)?.into_matmul(device)?,
+            wo: lin("self_attn.o_proj", dim, qd)?.into_linear(device)?,
             ffn_norm: get(&name("post_attention_layernorm"), &[dim])?,
             gate_up: Fused::build(gate_up, device)?,
-            down: lin("mlp.down_proj", dim, c.ffn_dim)?.into_matmul(device)?,
+            down: lin("mlp.down_proj", dim, c.ffn_dim)?.into_linear(device)?,
         });
     }
     let norm = get("model.norm.weight", &[dim])?;
+    let embed = Arc::new(embed.flatten_all()?.to_vec1::<f32>()?);
     let lm_head = if sh.has("lm_head.weight") {
-        get("lm_head.weight", &[c.vocab_size, dim])?
+        Linear::dense(&get("lm_head.weight", &[c.vocab_size, dim])?)?
     } else if c.tied_embeddings {
-        embed.clone()
+        Linear::shared(embed.clone(), c.vocab_size)
     } else {
         return Err(ModelError::MissingTensor {
             path: dir.into(),
@@ -530,7 +532,7 @@ pub(crate) fn load(dir: &Path, device: &Device, progress: &dyn Fn(LoadProgress))
             embed,
             layers,
             norm,
-            lm_head: candle_core::quantized::QMatMul::Tensor(lm_head),
+            lm_head,
         },
         tokenizer,
         chat_template,

@@ -19,6 +19,7 @@ mod config;
 mod error;
 mod gguf;
 mod hf;
+pub mod kernels;
 mod mmap;
 mod model;
 mod progress;
@@ -29,9 +30,11 @@ mod weights;
 pub use chat::{default_chat_prompt, render_chat, ChatMessage, ChatTemplate};
 pub use config::{ModelConfig, RopeLayout, SourceFormat};
 pub use error::{ModelError, Result};
-pub use model::{load, load_gguf, load_hf_dir, load_with_progress, LoadedModel, Model, SeqStep};
+pub use model::{
+    load, load_gguf, load_hf_dir, load_with_progress, LoadedModel, Model, SeqStep, StepOptions,
+};
 pub use progress::LoadProgress;
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{incomplete_tail_len, Tokenizer};
 
 /// GGML storage types, for [`synth::write_gguf`].
 pub use candle_core::quantized::GgmlDType;

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use llmos_kv::{KvShape, KvStore};
 
 use crate::chat::ChatTemplate;
@@ -198,8 +198,19 @@ struct SeqPlan {
     offset: usize,
     n: usize,
     start: usize,
-    /// `[n * group, start + n]` additive causal mask; `None` for a single new token.
-    mask: Option<Tensor>,
+}
+
+/// What a forward step computes besides the KV, and how it reports progress
+/// ([`Model::forward_with`]).
+#[derive(Default)]
+pub struct StepOptions<'a> {
+    /// Which sequences of the batch need logits (`None`: all). A prefill chunk that does
+    /// not end its prompt needs none, and skips the output projection.
+    pub logits: Option<&'a [bool]>,
+    /// Called before each layer with its index, from the calling thread: a heartbeat for
+    /// long steps. Returning `false` abandons the step with [`ModelError::Aborted`]
+    /// (nothing is committed).
+    pub on_layer: Option<&'a mut dyn FnMut(usize) -> bool>,
 }
 
 impl Model {
@@ -253,21 +264,52 @@ impl Model {
     /// positions written and committed; on error nothing is committed (positions past
     /// `kv.len()` may hold partial writes, which the next step overwrites).
     ///
-    /// All sequences' new tokens go through the embedding, norms, projections and
-    /// feed-forward as one `[T, dim]` matrix; only rotary positions and attention are
-    /// per sequence. On the CPU, call it inside [`crate::on_cpu_pool`] (see there).
+    /// Batch-invariant: a sequence's logits and KV are bit-identical whatever else is in
+    /// the batch and however its tokens were split into steps. All sequences' new tokens
+    /// go through the embedding, norms, projections and feed-forward as one `[T, dim]`
+    /// matrix whose rows never mix ([`crate::kernels`], `Linear`); only rotary positions
+    /// and attention are per sequence, and attention sums in position order. On the CPU,
+    /// call it inside [`crate::on_cpu_pool`] (see there).
     pub fn forward(&self, batch: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
+        self.forward_with(batch, StepOptions::default())?
+            .into_iter()
+            .map(|logits| {
+                let logits = logits.unwrap_or_default();
+                let n = logits.len();
+                Ok(Tensor::from_vec(logits, n, &self.device)?)
+            })
+            .collect()
+    }
+
+    /// [`Model::forward`] with options: logits only where asked (`None` elsewhere) and a
+    /// callback before each layer.
+    pub fn forward_with(
+        &self,
+        batch: &mut [SeqStep<'_>],
+        mut options: StepOptions<'_>,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
         let c = &self.config;
         let plans = self.plan(batch)?;
+        if let Some(wanted) = options.logits {
+            if wanted.len() != batch.len() {
+                return Err(ModelError::InvalidInput(format!(
+                    "logits wanted for {} sequences of {}",
+                    wanted.len(),
+                    batch.len()
+                )));
+            }
+        }
         let total: usize = plans.iter().map(|p| p.n).sum();
         let dev = &self.device;
 
-        let mut ids = Vec::with_capacity(total);
+        let mut rows = Vec::with_capacity(total * c.dim);
         for s in batch.iter() {
-            ids.extend_from_slice(s.tokens);
+            for &t in s.tokens {
+                let at = t as usize * c.dim;
+                rows.extend_from_slice(&self.weights.embed[at..at + c.dim]);
+            }
         }
-        let ids = Tensor::from_vec(ids, total, dev)?;
-        let mut x = self.weights.embed.index_select(&ids, 0)?;
+        let mut x = Tensor::from_vec(rows, (total, c.dim), dev)?;
 
         let (cos, sin) = self.rotary(&plans)?;
         for (s, p) in batch.iter_mut().zip(&plans) {
@@ -275,20 +317,14 @@ impl Model {
         }
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         for (l, layer) in self.weights.layers.iter().enumerate() {
+            if let Some(on_layer) = options.on_layer.as_mut() {
+                if !on_layer(l) {
+                    return Err(ModelError::Aborted(l));
+                }
+            }
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
             let (q, k, v) = self.qkv(layer, &h, &cos, &sin, scale)?;
-            let attn = if batch.len() == 1 {
-                self.attend(l, &mut *batch[0].kv, &plans[0], &q, &k, &v)?
-            } else {
-                let mut outs = Vec::with_capacity(batch.len());
-                for (s, p) in batch.iter_mut().zip(&plans) {
-                    let q = q.narrow(0, p.offset, p.n)?;
-                    let k = k.narrow(0, p.offset, p.n)?;
-                    let v = v.narrow(0, p.offset, p.n)?;
-                    outs.push(self.attend(l, s.kv, p, &q, &k, &v)?);
-                }
-                Tensor::cat(&outs, 0)?
-            };
+            let attn = self.attend(l, batch, &plans, &q, &k, &v)?;
             x = (x + layer.wo.forward(&attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
             x = (x + self.ffn(layer, &h)?)?;
@@ -297,18 +333,19 @@ impl Model {
             s.kv.commit(p.start + p.n)?;
         }
 
-        let last = if plans.len() == 1 {
-            let p = &plans[0];
-            if p.n == 1 {
-                x
-            } else {
-                x.narrow(0, p.n - 1, 1)?
-            }
-        } else {
-            let rows: Vec<u32> = plans.iter().map(|p| (p.offset + p.n - 1) as u32).collect();
-            let n = rows.len();
-            x.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?
-        };
+        let wanted: Vec<usize> = (0..plans.len())
+            .filter(|&i| options.logits.is_none_or(|w| w[i]))
+            .collect();
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; plans.len()];
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        let last_rows: Vec<u32> = wanted
+            .iter()
+            .map(|&i| (plans[i].offset + plans[i].n - 1) as u32)
+            .collect();
+        let n = last_rows.len();
+        let last = x.index_select(&Tensor::from_vec(last_rows, n, dev)?, 0)?;
         let h = candle_nn::ops::rms_norm(&last, &self.weights.norm, c.rms_eps)?;
         let logits = self.weights.lm_head.forward(&h)?;
         let logits = if logits.dtype() == DType::F32 {
@@ -316,7 +353,10 @@ impl Model {
         } else {
             logits.to_dtype(DType::F32)?
         };
-        (0..plans.len()).map(|i| Ok(logits.get(i)?)).collect()
+        for (row, i) in logits.to_vec2::<f32>()?.into_iter().zip(wanted) {
+            out[i] = Some(row);
+        }
+        Ok(out)
     }
 
     /// Validates the batch and lays out where each sequence's rows are.
@@ -325,7 +365,6 @@ impl Model {
         if batch.is_empty() {
             return Err(ModelError::InvalidInput("empty batch".into()));
         }
-        let group = c.n_heads / c.n_kv_heads;
         let mut offset = 0;
         let mut plans = Vec::with_capacity(batch.len());
         for (i, s) in batch.iter().enumerate() {
@@ -361,24 +400,10 @@ impl Model {
                     c.max_seq_len
                 ));
             }
-            let mask = if n == 1 {
-                None
-            } else {
-                let len = s.start_pos + n;
-                let mut m = vec![0f32; n * group * len];
-                for t in 0..n {
-                    for g in 0..group {
-                        let row = &mut m[(t * group + g) * len..][..len];
-                        row[s.start_pos + t + 1..].fill(f32::NEG_INFINITY);
-                    }
-                }
-                Some(Tensor::from_vec(m, (n * group, len), &self.device)?)
-            };
             plans.push(SeqPlan {
                 offset,
                 n,
                 start: s.start_pos,
-                mask,
             });
             offset += n;
         }
@@ -467,53 +492,43 @@ impl Model {
         }
     }
 
-    /// Attention of one sequence: stores its new k/v, reads back the whole cache and
-    /// returns `[n, H * hd]`.
+    /// Attention of every sequence: stores its new k/v rows, then attends over its whole
+    /// cache in place ([`crate::kernels::attention`]); returns `[T, H * hd]`.
     fn attend(
         &self,
         layer: usize,
-        kv: &mut dyn KvStore,
-        p: &SeqPlan,
+        batch: &mut [SeqStep<'_>],
+        plans: &[SeqPlan],
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
-        let group = nh / nkv;
-        let n = p.n;
-        kv.write(layer, p.start, k, v)?;
-        let (kc, vc) = kv.read(layer, p.start + n, &self.device)?;
-        // [len, Hkv, hd] → per-kv-head views [Hkv, len, hd]. The CPU matmul takes any
-        // strides, so no copy there; other backends want standard layouts.
-        let (mut kt, mut vt) = (kc.transpose(0, 1)?, vc.transpose(0, 1)?);
-        if !self.device.is_cpu() {
-            kt = kt.contiguous()?;
-            vt = vt.contiguous()?;
+        let shape = crate::kernels::AttentionShape {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let (qd, kvd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+        let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
+        let total: usize = plans.iter().map(|p| p.n).sum();
+        let mut out = vec![0f32; total * qd];
+        for (s, p) in batch.iter_mut().zip(plans) {
+            let rows = p.offset..p.offset + p.n;
+            s.kv.write_rows(
+                layer,
+                p.start,
+                &k[rows.start * kvd..rows.end * kvd],
+                &v[rows.start * kvd..rows.end * kvd],
+            )?;
+            let q = &q[rows.start * qd..rows.end * qd];
+            let o = &mut out[rows.start * qd..rows.end * qd];
+            s.kv.view(layer, p.start + p.n, &mut |view| {
+                crate::kernels::attention(q, view, p.start, shape, o)
+            })?;
         }
-        // Rows of one kv head: (t, g) pairs, so grouped query heads share one matmul.
-        let q = if n == 1 {
-            q.reshape((nkv, group, hd))?
-        } else {
-            q.reshape((n, nkv, group, hd))?
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((nkv, n * group, hd))?
-        };
-        let scores = q.matmul(&kt.t()?)?;
-        let scores = match &p.mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&vt)?;
-        Ok(if n == 1 {
-            out.reshape((1, nh * hd))?
-        } else {
-            out.reshape((nkv, n, group, hd))?
-                .transpose(0, 1)?
-                .reshape((n, nh * hd))?
-        })
+        Ok(Tensor::from_vec(out, (total, qd), &self.device)?)
     }
 
     fn ffn(&self, layer: &Layer, h: &Tensor) -> Result<Tensor> {

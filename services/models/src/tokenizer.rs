@@ -145,6 +145,11 @@ impl Tokenizer {
         (tail[tail.len() - keep..].to_vec(), started)
     }
 
+    /// Whether decoding drops the one space that begins a text (the encoder's "▁" prefix).
+    pub fn strips_leading_space(&self) -> bool {
+        self.strip_leading_space
+    }
+
     /// The raw bytes of one token (empty for control tokens and unknown ids).
     pub fn piece(&self, id: u32) -> &[u8] {
         self.pieces.get(id as usize).map_or(&[], Vec::as_slice)
@@ -377,8 +382,9 @@ impl Tokenizer {
     }
 }
 
-/// Length of an unfinished (but so far valid) UTF-8 sequence at the end of `bytes`.
-fn incomplete_tail_len(bytes: &[u8]) -> usize {
+/// Length of an unfinished (but so far valid) UTF-8 sequence at the end of `bytes`: the
+/// bytes a streaming decoder holds back until the character completes (0 to 3).
+pub fn incomplete_tail_len(bytes: &[u8]) -> usize {
     for k in 1..=bytes.len().min(3) {
         let start = bytes.len() - k;
         let lead = bytes[start];

@@ -24,18 +24,96 @@ pub(crate) enum RawLinear<'a> {
 }
 
 impl RawLinear<'_> {
-    /// The matmul for this weight alone.
-    pub(crate) fn into_matmul(self, device: &Device) -> Result<QMatMul> {
+    /// The projection for this weight alone.
+    pub(crate) fn into_linear(self, device: &Device) -> Result<Linear> {
         match self {
-            RawLinear::Dense(t) => Ok(QMatMul::Tensor(t)),
+            RawLinear::Dense(t) => Linear::dense(&t),
             RawLinear::Quant {
                 dtype,
                 rows,
                 cols,
                 bytes,
-            } => Ok(QMatMul::from_arc(Arc::new(qtensor(
-                dtype, rows, cols, bytes, device,
-            )?))?),
+            } => Ok(Linear::Quant {
+                matmul: QMatMul::from_arc(Arc::new(qtensor(dtype, rows, cols, bytes, device)?))?,
+                dtype,
+            }),
+        }
+    }
+}
+
+/// A projection `y = x · Wᵀ`, batch-invariant: row `r` of the result depends only on row
+/// `r` of the input, never on the other rows of the call (see [`crate::kernels`]).
+#[derive(Clone, Debug)]
+pub(crate) enum Linear {
+    /// A float matrix `[out, in]`, computed by our own kernel ([`crate::kernels::matmul_t`]):
+    /// candle's gemm sums in another order for one row (and, for small outputs, for up to
+    /// four rows) than for many.
+    Dense {
+        /// Row-major `[out, in]` f32 (shared with the embedding when tied).
+        w: Arc<Vec<f32>>,
+        /// Output width.
+        out: usize,
+    },
+    /// GGML blocks through candle's quantized matmul, whose result for a row does not
+    /// depend on the other rows except through the paths it picks by row count: it is
+    /// called with at least two rows (one row takes another path for q6_K) and at most
+    /// [`QUANT_MAX_ROWS`] per call for q4_K (more rows take an AMX path where the CPU has
+    /// it). Checked bit for bit by the batch-invariance tests.
+    Quant {
+        matmul: QMatMul,
+        dtype: GgmlDType,
+    },
+}
+
+/// Rows per call of a q4_K matmul (see [`Linear::Quant`]).
+const QUANT_MAX_ROWS: usize = 31;
+
+impl Linear {
+    /// A dense projection from a float tensor `[out, in]`.
+    pub(crate) fn dense(t: &Tensor) -> Result<Linear> {
+        let (out, _) = t.dims2()?;
+        let w = to_f32(t.clone())?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Linear::Dense {
+            w: Arc::new(w),
+            out,
+        })
+    }
+
+    /// A dense projection sharing `w` (`[out, in]` row-major).
+    pub(crate) fn shared(w: Arc<Vec<f32>>, out: usize) -> Linear {
+        Linear::Dense { w, out }
+    }
+
+    /// `x · Wᵀ` for `x` of shape `[rows, in]`.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let rows = x.dim(0)?;
+        match self {
+            Linear::Dense { w, out } => {
+                let data = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let y = crate::kernels::matmul_t(&data, rows, w, *out);
+                Ok(Tensor::from_vec(y, (rows, *out), x.device())?)
+            }
+            Linear::Quant { matmul, dtype } => {
+                if rows == 1 {
+                    let twice = Tensor::cat(&[x, x], 0)?;
+                    return Ok(matmul.forward(&twice)?.narrow(0, 0, 1)?);
+                }
+                if *dtype == GgmlDType::Q4K && rows > QUANT_MAX_ROWS {
+                    let mut parts = Vec::new();
+                    let mut start = 0;
+                    while start < rows {
+                        // Never a one-row tail: it would take the one-row path.
+                        let mut n = QUANT_MAX_ROWS.min(rows - start);
+                        if rows - start - n == 1 {
+                            n -= 1;
+                        }
+                        parts.push(matmul.forward(&x.narrow(0, start, n)?)?);
+                        start += n;
+                    }
+                    return Ok(Tensor::cat(&parts, 0)?);
+                }
+                Ok(matmul.forward(x)?)
+            }
         }
     }
 }
@@ -68,9 +146,9 @@ pub(crate) fn qtensor(
 #[derive(Clone, Debug)]
 pub(crate) enum Fused {
     /// One matmul; its output columns are the parts' outputs, in order.
-    One(QMatMul),
+    One(Linear),
     /// Separate matmuls (the parts have different storage types).
-    Many(Vec<QMatMul>),
+    Many(Vec<Linear>),
 }
 
 impl Fused {
@@ -94,7 +172,7 @@ impl Fused {
                     RawLinear::Quant { .. } => unreachable!("checked all dense"),
                 })
                 .collect();
-            return Ok(Fused::One(QMatMul::Tensor(Tensor::cat(&ts, 0)?)));
+            return Ok(Fused::One(Linear::dense(&Tensor::cat(&ts, 0)?)?));
         }
         if let (true, Some((dtype, cols))) = (same_quant, first_q) {
             // GGML blocks never straddle rows, so stacking rows is concatenating bytes.
@@ -111,12 +189,15 @@ impl Fused {
             }
             if aligned_for(dtype, &bytes) {
                 let q = qtensor(dtype, rows, cols, Cow::Owned(bytes), device)?;
-                return Ok(Fused::One(QMatMul::from_arc(Arc::new(q))?));
+                return Ok(Fused::One(Linear::Quant {
+                    matmul: QMatMul::from_arc(Arc::new(q))?,
+                    dtype,
+                }));
             }
         }
         let mats = parts
             .into_iter()
-            .map(|p| p.into_matmul(device))
+            .map(|p| p.into_linear(device))
             .collect::<Result<Vec<_>>>()?;
         Ok(Fused::Many(mats))
     }
@@ -128,7 +209,7 @@ impl Fused {
             Fused::Many(ms) => FusedOut::Many(
                 ms.iter()
                     .map(|m| m.forward(x))
-                    .collect::<candle_core::Result<Vec<_>>>()?,
+                    .collect::<Result<Vec<_>>>()?,
             ),
         })
     }
@@ -146,21 +227,21 @@ pub(crate) struct Layer {
     pub attn_norm: Tensor,
     /// q, k, v (rows in that order when fused).
     pub qkv: Fused,
-    pub wo: QMatMul,
+    pub wo: Linear,
     pub ffn_norm: Tensor,
     /// gate (w1), up (w3).
     pub gate_up: Fused,
-    pub down: QMatMul,
+    pub down: Linear,
 }
 
 /// All weights of a model.
 #[derive(Clone, Debug)]
 pub(crate) struct Weights {
-    /// `[vocab, dim]` f32.
-    pub embed: Tensor,
+    /// `[vocab, dim]` f32, row-major (shared with `lm_head` when tied and float).
+    pub embed: Arc<Vec<f32>>,
     pub layers: Vec<Layer>,
     pub norm: Tensor,
-    pub lm_head: QMatMul,
+    pub lm_head: Linear,
 }
 
 /// A float tensor as f32 on `device` (norm weights and embeddings are computed in f32).

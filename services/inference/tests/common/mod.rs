@@ -45,7 +45,12 @@ pub struct Output {
 }
 
 /// Reads a stream to its end (bounded by a hang guard).
-pub async fn collect(mut stream: RequestStream) -> Output {
+pub async fn collect(stream: RequestStream) -> Output {
+    collect_within(stream, Duration::from_secs(60)).await
+}
+
+/// Reads a stream to its end within `guard` (a hang guard, not a timing).
+pub async fn collect_within(mut stream: RequestStream, guard: Duration) -> Output {
     let mut out = Output {
         tokens: Vec::new(),
         text: String::new(),
@@ -70,7 +75,7 @@ pub async fn collect(mut stream: RequestStream) -> Output {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(60), read)
+    tokio::time::timeout(guard, read)
         .await
         .expect("the request finished within the hang guard");
     out

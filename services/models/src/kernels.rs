@@ -1,0 +1,270 @@
+//! Our own CPU kernels for the two parts of the forward where candle's results depend on
+//! the batch: dense (f32) matrix products and attention. Each output element is computed
+//! by one fixed sequence of operations that depends only on its own inputs — never on how
+//! many rows share the call, where a row sits in it, how a prompt was chunked or how many
+//! threads run — so a sequence's logits are bit-identical whatever else is batched with it.
+//! That is what makes recomputed KV equal to the original, and resume exact, under load.
+//!
+//! The summation order is part of the contract: a dot product accumulates eight lanes
+//! (element `i` into lane `i % 8`) over the whole multiple of eight, reduces the lanes
+//! pairwise, then adds the remainder in order ([`dot`]). Faster kernels (SIMD) must
+//! reproduce exactly this order.
+
+use llmos_kv::KvView;
+use rayon::prelude::*;
+
+/// Accumulator lanes of [`dot`].
+const LANES: usize = 8;
+
+/// Output columns per parallel work item of [`matmul_t`].
+const COLUMNS_PER_TASK: usize = 16;
+
+/// Rows computed together against one weight row in [`matmul_t`] (the weight row is read
+/// once for all of them; each row's arithmetic is still exactly [`dot`]'s).
+const ROW_TILE: usize = 4;
+
+#[inline(always)]
+fn reduce(acc: &[f32; LANES]) -> f32 {
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// `Σ a[i]·b[i]` over the shorter length, in the fixed order described in the module docs.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; LANES];
+    for (x, y) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let whole = n - n % LANES;
+    let mut tail = 0f32;
+    for i in whole..n {
+        tail += a[i] * b[i];
+    }
+    reduce(&acc) + tail
+}
+
+/// [`dot`] of `ROW_TILE` rows against one weight row, reading the weight row once. Each
+/// result is bit-identical to `dot(rows[r], w)`.
+#[inline]
+fn dot_tile(rows: [&[f32]; ROW_TILE], w: &[f32]) -> [f32; ROW_TILE] {
+    let n = w.len();
+    let mut acc = [[0f32; LANES]; ROW_TILE];
+    for (c, wc) in w.chunks_exact(LANES).enumerate() {
+        let at = c * LANES;
+        for (r, row) in rows.iter().enumerate() {
+            let xc = &row[at..at + LANES];
+            for l in 0..LANES {
+                acc[r][l] += xc[l] * wc[l];
+            }
+        }
+    }
+    let whole = n - n % LANES;
+    let mut out = [0f32; ROW_TILE];
+    for (r, row) in rows.iter().enumerate() {
+        let mut tail = 0f32;
+        for i in whole..n {
+            tail += row[i] * w[i];
+        }
+        out[r] = reduce(&acc[r]) + tail;
+    }
+    out
+}
+
+/// `x · wᵀ`: `x` is `rows × k`, `w` is `n × k` (one output column per weight row), the
+/// result `rows × n`. Element `(r, c)` is exactly `dot(x[r], w[c])`; work is split across
+/// rayon's current pool by output columns.
+pub fn matmul_t(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
+    if rows == 0 || n == 0 {
+        return Vec::new();
+    }
+    let k = x.len() / rows;
+    debug_assert_eq!(x.len(), rows * k);
+    debug_assert_eq!(w.len(), n * k);
+    let row = |r: usize| &x[r * k..(r + 1) * k];
+    // Column-major while computing (each task owns whole columns), row-major at the end.
+    let mut by_column = vec![0f32; n * rows];
+    by_column
+        .par_chunks_mut(COLUMNS_PER_TASK * rows)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let first = task * COLUMNS_PER_TASK;
+            for (j, column) in out.chunks_exact_mut(rows).enumerate() {
+                let c = first + j;
+                let wc = &w[c * k..(c + 1) * k];
+                let mut r = 0;
+                while r + ROW_TILE <= rows {
+                    let tile = dot_tile([row(r), row(r + 1), row(r + 2), row(r + 3)], wc);
+                    column[r..r + ROW_TILE].copy_from_slice(&tile);
+                    r += ROW_TILE;
+                }
+                for (rr, value) in column.iter_mut().enumerate().skip(r) {
+                    *value = dot(row(rr), wc);
+                }
+            }
+        });
+    let mut out = vec![0f32; rows * n];
+    for (c, column) in by_column.chunks_exact(rows).enumerate() {
+        for (r, value) in column.iter().enumerate() {
+            out[r * n + c] = *value;
+        }
+    }
+    out
+}
+
+/// Shape of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (query head `h` reads KV head `h / (n_heads / n_kv_heads)`).
+    pub n_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+/// Causal attention of `n` new rows at positions `start..start + n` over the keys and
+/// values of positions `0..start + n` in `kv` (already holding the new rows). `q` is
+/// `n × (n_heads·head_dim)`, pre-scaled by `1/√head_dim`; the result goes to `out`, same
+/// shape. The row at position `p` attends over positions `0..=p` in order: scores by
+/// [`dot`], their maximum, `exp(score − max)` summed in position order, values weighted
+/// and summed in position order, then divided by the sum — so it is the same whatever
+/// chunk the row arrived in.
+pub fn attention(
+    q: &[f32],
+    kv: &KvView<'_>,
+    start: usize,
+    shape: AttentionShape,
+    out: &mut [f32],
+) {
+    let AttentionShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+    } = shape;
+    let group = n_heads / n_kv_heads.max(1);
+    let width = n_heads * hd;
+    // One work item per (row, head): independent, each in its own fixed order.
+    out.par_chunks_mut(hd).enumerate().for_each(|(item, o)| {
+        let (t, h) = (item / n_heads, item % n_heads);
+        let pos = start + t;
+        let kvh = h / group.max(1);
+        let qh = &q[t * width + h * hd..t * width + (h + 1) * hd];
+        let span = kvh * hd..(kvh + 1) * hd;
+        let mut scores = Vec::with_capacity(pos + 1);
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..=pos {
+            let s = dot(qh, &kv.key(j)[span.clone()]);
+            max = max.max(s);
+            scores.push(s);
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        o.fill(0.0);
+        for (j, &weight) in scores.iter().enumerate() {
+            let v = &kv.value(j)[span.clone()];
+            for (acc, x) in o.iter_mut().zip(v) {
+                *acc += weight * x;
+            }
+        }
+        for acc in o.iter_mut() {
+            *acc /= sum;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use std::borrow::Cow;
+
+    fn random(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+    }
+
+    #[test]
+    fn matmul_rows_are_the_same_whatever_the_batch() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for (k, n) in [(64, 172), (172, 64), (768, 96), (13, 7)] {
+            let rows = 23;
+            let x = random(&mut rng, rows * k);
+            let w = random(&mut rng, n * k);
+            let full = matmul_t(&x, rows, &w, n);
+            for r in 0..rows {
+                for c in 0..n {
+                    assert_eq!(
+                        full[r * n + c].to_bits(),
+                        dot(&x[r * k..(r + 1) * k], &w[c * k..(c + 1) * k]).to_bits()
+                    );
+                }
+            }
+            for (from, len) in [(0, 1), (5, 2), (3, 7), (19, 4)] {
+                let part = matmul_t(&x[from * k..(from + len) * k], len, &w, n);
+                for i in 0..len * n {
+                    assert_eq!(part[i].to_bits(), full[from * n + i].to_bits());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_rows_do_not_depend_on_the_chunk() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+        let shape = AttentionShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+        };
+        let len = 37;
+        let row = shape.n_kv_heads * shape.head_dim;
+        let keys = random(&mut rng, len * row);
+        let values = random(&mut rng, len * row);
+        let q = random(&mut rng, len * shape.n_heads * shape.head_dim);
+        let width = shape.n_heads * shape.head_dim;
+        let view = |upto: usize, run: usize| {
+            let runs = |data: &[f32]| {
+                (0..upto.div_ceil(run))
+                    .map(|i| Cow::Owned(data[i * run * row..(upto.min((i + 1) * run)) * row].to_vec()))
+                    .collect::<Vec<_>>()
+            };
+            KvView::new(row, run, upto, runs(&keys), runs(&values))
+        };
+        // Every row alone, with the keys in one run.
+        let mut alone = vec![0f32; len * width];
+        for p in 0..len {
+            attention(
+                &q[p * width..(p + 1) * width],
+                &view(p + 1, len),
+                p,
+                shape,
+                &mut alone[p * width..(p + 1) * width],
+            );
+        }
+        // In chunks, with the keys in blocks of 5.
+        for chunk in [2, 7, 16, 37] {
+            let mut start = 0;
+            while start < len {
+                let n = chunk.min(len - start);
+                let mut out = vec![0f32; n * width];
+                attention(
+                    &q[start * width..(start + n) * width],
+                    &view(start + n, 5),
+                    start,
+                    shape,
+                    &mut out,
+                );
+                for i in 0..n * width {
+                    assert_eq!(out[i].to_bits(), alone[start * width + i].to_bits());
+                }
+                start += n;
+            }
+        }
+    }
+}
