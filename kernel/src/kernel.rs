@@ -271,6 +271,7 @@ impl Kernel {
                     last_failure: None,
                     uptime_secs: 0.0,
                     messages_handled: 0,
+                    hangs: 0,
                     reliability: crate::snapshot::Reliability::compute(
                         Duration::ZERO,
                         0,

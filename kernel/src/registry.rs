@@ -29,6 +29,7 @@ pub(crate) struct NodeEntry {
     pub(crate) kind: NodeKind,
     slot: watch::Sender<Slot>,
     messages: AtomicU64,
+    hangs: AtomicU64,
     stats: Mutex<NodeStats>,
     children: Mutex<Vec<Arc<NodeEntry>>>,
 }
@@ -53,6 +54,7 @@ impl NodeEntry {
             kind,
             slot: watch::Sender::new(Slot::Pending),
             messages: AtomicU64::new(0),
+            hangs: AtomicU64::new(0),
             stats: Mutex::new(NodeStats {
                 state: NodeState::Starting,
                 starts: 0,
@@ -74,6 +76,11 @@ impl NodeEntry {
 
     pub(crate) fn count_message(&self) {
         self.messages.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Its supervisor declared an instance hung (a missed heartbeat).
+    pub(crate) fn count_hang(&self) {
+        self.hangs.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn subscribe_slot(&self) -> watch::Receiver<Slot> {
@@ -213,6 +220,7 @@ impl NodeEntry {
             }),
             uptime_secs: uptime.as_secs_f64(),
             messages_handled: self.messages.load(Ordering::Relaxed),
+            hangs: self.hangs.load(Ordering::Relaxed),
             reliability,
             children: self
                 .children()

@@ -117,6 +117,8 @@ pub struct NodeSnapshot {
     pub uptime_secs: f64,
     /// Messages handled by all instances.
     pub messages_handled: u64,
+    /// Instances declared hung (missed heartbeat) since boot.
+    pub hangs: u64,
     /// MTBF, MTTR, availability.
     pub reliability: Reliability,
     /// Children in start order.

@@ -585,6 +585,7 @@ impl SupervisorState {
             // The async side is killed; a thread stuck in blocking work is abandoned and
             // fenced off by its heartbeat.
             instance.cell.kill();
+            rec.node.count_hang();
             self.kernel.publish(KernelEvent::HangDetected {
                 path: rec.node.path.clone(),
                 silent_for: silent,

@@ -1,5 +1,8 @@
 //! Test actors and helpers shared by the integration tests: a probe worker whose every
-//! life-cycle step is recorded, and event-synchronised waits.
+//! life-cycle step is recorded, event-synchronised waits, and an HTTP/SSE client
+//! ([`http`]) for tests and benchmarks that drive a real server.
+
+pub mod http;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

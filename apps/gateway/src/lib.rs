@@ -528,7 +528,10 @@ async fn health(State(system): State<Arc<System>>) -> Response {
 
 async fn metrics_text(State(system): State<Arc<System>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         system.metrics.render(&system.runtime, system.apps.as_ref()),
     )
         .into_response()

@@ -2,7 +2,6 @@
 //! plus the gateway's own counters.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -10,6 +9,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use llmos_app::AppHost;
 use llmos_inference::Runtime;
 use llmos_kernel::{NodeSnapshot, NodeState};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
 use serde_json::{json, Value};
 
 /// The HTTP front door's counters (requests admitted, tokens sent, HTTP answers by route
@@ -153,74 +156,59 @@ impl Metrics {
         })
     }
 
-    /// Prometheus text exposition.
+    /// The OpenMetrics text exposition (`prometheus-client`): the gateway's counters, the
+    /// engines' histograms and counters, and what the journal, the devices, the tree and
+    /// the apps say at the moment of the scrape.
     pub(crate) fn render(&self, runtime: &Runtime, apps: Option<&AppHost>) -> String {
-        let mut out = String::new();
+        let mut registry = Registry::default();
         let uptime = self.started.elapsed().as_secs_f64();
         let tokens = self.tokens.load(Ordering::Relaxed);
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "{name}{labels} {value}");
-            }
-        };
-        let http: Vec<(String, f64)> = self
-            .http
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|((route, status), n)| {
-                (
-                    format!("{{route=\"{route}\",status=\"{status}\"}}"),
-                    *n as f64,
-                )
-            })
-            .collect();
-        metric(
-            "llmos_http_requests_total",
-            "counter",
-            "HTTP requests by route and status.",
-            &http,
+        let http = counters();
+        for ((route, status), n) in self.http.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            http.get_or_create(&vec![
+                ("route".to_string(), route.clone()),
+                ("status".to_string(), status.to_string()),
+            ])
+            .inc_by(*n as f64);
+        }
+        registry.register(
+            "llmos_http_requests",
+            "HTTP requests by route and status",
+            http,
         );
-        metric(
-            "llmos_requests_total",
-            "counter",
-            "Generation requests admitted by the gateway.",
-            &[(String::new(), self.requests.load(Ordering::Relaxed) as f64)],
+        registry.register(
+            "llmos_requests",
+            "Generation requests admitted by the gateway",
+            counter(self.requests.load(Ordering::Relaxed) as f64),
         );
-        metric(
-            "llmos_tokens_total",
-            "counter",
-            "Tokens streamed or returned to clients.",
-            &[(String::new(), tokens as f64)],
+        registry.register(
+            "llmos_tokens",
+            "Tokens streamed or returned to clients",
+            counter(tokens as f64),
         );
-        metric(
+        registry.register(
             "llmos_tokens_per_second",
-            "gauge",
-            "Mean tokens per second since the gateway started (use rate(llmos_tokens_total) for a window).",
-            &[(String::new(), if uptime > 0.0 { tokens as f64 / uptime } else { 0.0 })],
+            "Mean tokens per second since the gateway started (use rate(llmos_tokens_total) for a window)",
+            gauge(if uptime > 0.0 { tokens as f64 / uptime } else { 0.0 }),
         );
         let journal = runtime.services().journal_health();
-        metric(
-            "llmos_journal_append_failures_total",
-            "counter",
-            "Journal appends that failed (each retry counts; refused records do not).",
-            &[(String::new(), journal.failures_total as f64)],
+        registry.register(
+            "llmos_journal_append_failures",
+            "Journal appends that failed (each retry counts; refused records do not)",
+            counter(journal.failures_total as f64),
         );
-        metric(
+        registry.register(
             "llmos_journal_failing",
-            "gauge",
-            "1 while the most recent journal append failed.",
-            &[(String::new(), f64::from(u8::from(journal.failing)))],
+            "1 while the most recent journal append failed",
+            gauge(f64::from(u8::from(journal.failing))),
         );
-        metric(
+        registry.register(
             "llmos_queue_depth",
-            "gauge",
-            "Requests admitted and not yet finished.",
-            &[(String::new(), runtime.active_requests() as f64)],
+            "Requests admitted and not yet finished",
+            gauge(runtime.active_requests() as f64),
         );
-        let mut kv = Vec::new();
-        let mut healthy = Vec::new();
+        let kv = gauges();
+        let healthy = gauges();
         for device in &runtime.services().devices {
             let id = device.device.id().to_string();
             let stats = device.pool.stats();
@@ -230,105 +218,166 @@ impl Metrics {
                 ("restorable", stats.restorable),
                 ("total", stats.total),
             ] {
-                kv.push((format!("{{device=\"{id}\",state=\"{state}\"}}"), n as f64));
+                kv.get_or_create(&vec![
+                    ("device".to_string(), id.clone()),
+                    ("state".to_string(), state.to_string()),
+                ])
+                .set(n as f64);
             }
-            healthy.push((
-                format!("{{device=\"{id}\"}}"),
-                f64::from(u8::from(device.device.is_healthy())),
-            ));
+            healthy
+                .get_or_create(&vec![("device".to_string(), id)])
+                .set(f64::from(u8::from(device.device.is_healthy())));
         }
-        metric(
-            "llmos_kv_blocks",
-            "gauge",
-            "KV cache blocks per device by state.",
-            &kv,
-        );
-        metric(
+        registry.register("llmos_kv_blocks", "KV cache blocks per device by state", kv);
+        registry.register(
             "llmos_device_healthy",
-            "gauge",
-            "1 when the device is healthy.",
-            &healthy,
+            "1 when the device is healthy",
+            healthy,
         );
+        let by_state = gauges();
+        for status in runtime.services().request_status().values() {
+            by_state
+                .get_or_create(&vec![
+                    ("device".to_string(), status.device.clone()),
+                    ("state".to_string(), status.state.name().to_string()),
+                ])
+                .inc();
+        }
+        registry.register(
+            "llmos_engine_requests",
+            "Requests held by each engine, by state (queued, prefill, decode, preempted)",
+            by_state,
+        );
+        runtime.services().metrics.register(&mut registry);
+
         let snapshot = runtime.kernel().snapshot();
         let nodes: Vec<&NodeSnapshot> = snapshot.nodes();
-        let per = |f: &dyn Fn(&NodeSnapshot) -> Option<f64>| -> Vec<(String, f64)> {
-            nodes
-                .iter()
-                .filter_map(|n| f(n).map(|v| (format!("{{actor=\"{}\"}}", n.path), v)))
-                .collect()
-        };
-        metric(
-            "llmos_actor_restarts_total",
-            "counter",
-            "Restarts per actor.",
-            &per(&|n| Some(n.restarts as f64)),
+        let actor = |n: &NodeSnapshot| vec![("actor".to_string(), n.path.to_string())];
+        let (restarts, failures, messages) = (counters(), counters(), counters());
+        let (mtbf, mttr, availability) = (gauges(), gauges(), gauges());
+        let mut hangs = 0u64;
+        for n in &nodes {
+            restarts.get_or_create(&actor(n)).inc_by(n.restarts as f64);
+            failures
+                .get_or_create(&actor(n))
+                .inc_by(n.reliability.failures as f64);
+            messages
+                .get_or_create(&actor(n))
+                .inc_by(n.messages_handled as f64);
+            if let Some(v) = n.reliability.mtbf_secs {
+                mtbf.get_or_create(&actor(n)).set(v);
+            }
+            if let Some(v) = n.reliability.mttr_secs {
+                mttr.get_or_create(&actor(n)).set(v);
+            }
+            availability
+                .get_or_create(&actor(n))
+                .set(n.reliability.availability);
+            hangs += n.hangs;
+        }
+        registry.register("llmos_actor_restarts", "Restarts per actor", restarts);
+        registry.register("llmos_actor_failures", "Failures per actor", failures);
+        registry.register_with_unit(
+            "llmos_actor_mtbf",
+            "Mean time between failures per actor (only actors that failed)",
+            Unit::Seconds,
+            mtbf,
         );
-        metric(
-            "llmos_actor_failures_total",
-            "counter",
-            "Failures per actor.",
-            &per(&|n| Some(n.reliability.failures as f64)),
+        registry.register_with_unit(
+            "llmos_actor_mttr",
+            "Mean time to repair per actor",
+            Unit::Seconds,
+            mttr,
         );
-        metric(
-            "llmos_actor_mtbf_seconds",
-            "gauge",
-            "Mean time between failures per actor (only actors that failed).",
-            &per(&|n| n.reliability.mtbf_secs),
-        );
-        metric(
-            "llmos_actor_mttr_seconds",
-            "gauge",
-            "Mean time to repair per actor.",
-            &per(&|n| n.reliability.mttr_secs),
-        );
-        metric(
+        registry.register(
             "llmos_actor_availability",
-            "gauge",
-            "MTBF / (MTBF + MTTR) per actor.",
-            &per(&|n| Some(n.reliability.availability)),
+            "MTBF / (MTBF + MTTR) per actor",
+            availability,
         );
-        metric(
-            "llmos_actor_messages_total",
-            "counter",
-            "Messages handled per actor.",
-            &per(&|n| Some(n.messages_handled as f64)),
+        registry.register(
+            "llmos_actor_messages",
+            "Messages handled per actor",
+            messages,
         );
+        registry.register(
+            "llmos_hang_detections",
+            "Missed heartbeats of blocking children (engines) since boot",
+            counter(hangs as f64),
+        );
+
         let apps = apps.map(AppHost::status).unwrap_or_default();
-        let per_app = |f: &dyn Fn(&llmos_app::AppStatus) -> f64| -> Vec<(String, f64)> {
-            apps.iter()
-                .map(|a| (format!("{{app=\"{}\"}}", a.name), f(a)))
-                .collect()
-        };
-        metric(
+        let app = |a: &llmos_app::AppStatus| vec![("app".to_string(), a.name.clone())];
+        let (up, in_flight, kv_reserved) = (gauges(), gauges(), gauges());
+        let (app_restarts, refusals) = (counters(), counters());
+        for a in &apps {
+            up.get_or_create(&app(a))
+                .set(f64::from(u8::from(a.state == "running")));
+            app_restarts
+                .get_or_create(&app(a))
+                .inc_by(a.restarts as f64);
+            in_flight
+                .get_or_create(&app(a))
+                .set(a.usage.requests as f64);
+            kv_reserved
+                .get_or_create(&app(a))
+                .set(a.usage.kv_blocks as f64);
+            refusals
+                .get_or_create(&app(a))
+                .inc_by(a.usage.refused as f64);
+        }
+        registry.register(
             "llmos_app_up",
-            "gauge",
-            "1 while the app's actor is running (0 restarting, given up or stopped).",
-            &per_app(&|a| f64::from(u8::from(a.state == "running"))),
+            "1 while the app's actor is running (0 restarting, given up or stopped)",
+            up,
         );
-        metric(
-            "llmos_app_restarts_total",
-            "counter",
-            "Restarts of each app's actor.",
-            &per_app(&|a| a.restarts as f64),
+        registry.register(
+            "llmos_app_restarts",
+            "Restarts of each app's actor",
+            app_restarts,
         );
-        metric(
+        registry.register(
             "llmos_app_requests_in_flight",
-            "gauge",
-            "Requests each app has generating now (counted against its quota).",
-            &per_app(&|a| a.usage.requests as f64),
+            "Requests each app has generating now (counted against its quota)",
+            in_flight,
         );
-        metric(
+        registry.register(
             "llmos_app_kv_blocks_reserved",
-            "gauge",
-            "KV blocks each app's running requests may need at most (counted for apps with a KV quota).",
-            &per_app(&|a| a.usage.kv_blocks as f64),
+            "KV blocks each app's running requests may need at most (counted for apps with a KV quota)",
+            kv_reserved,
         );
-        metric(
-            "llmos_app_quota_refusals_total",
-            "counter",
-            "Requests each app's quotas refused.",
-            &per_app(&|a| a.usage.refused as f64),
+        registry.register(
+            "llmos_app_quota_refusals",
+            "Requests each app's quotas refused",
+            refusals,
         );
+        let mut out = String::new();
+        if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+            tracing::error!(error = %err, "cannot encode metrics");
+        }
         out
     }
+}
+
+/// Label pairs, in order.
+type Labels = Vec<(String, String)>;
+
+fn counters() -> Family<Labels, Counter<f64, AtomicU64>> {
+    Family::default()
+}
+
+fn gauges() -> Family<Labels, Gauge<f64, AtomicU64>> {
+    Family::default()
+}
+
+/// A counter holding `value` (the scrape reads totals kept elsewhere).
+fn counter(value: f64) -> Counter<f64, AtomicU64> {
+    let c = Counter::<f64, AtomicU64>::default();
+    c.inc_by(value);
+    c
+}
+
+fn gauge(value: f64) -> Gauge<f64, AtomicU64> {
+    let g = Gauge::<f64, AtomicU64>::default();
+    g.set(value);
+    g
 }

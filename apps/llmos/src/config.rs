@@ -9,7 +9,10 @@
 //! state_dir = "llmos-state"
 //! devices = "cpu:0,cpu:1"
 //! api_key = "secret"                   # or env LLMOS_API_KEY
-//! max_active = 64                      # requests generating at once; more get 429
+//! max_active = 256                     # requests admitted at once; more queue
+//! max_queued = 1024                    # admissions waiting for a slot; more get 429
+//! max_batch_tokens = 512               # token rows per engine step
+//! prefill_stall = 2.0                  # a step with prefill takes ≤ 2× a decode step
 //! kv_budget_mb = 256                   # KV memory per device
 //! flush = "every-token"                # or "interval:5", "off"
 //! log_format = "json"                  # or "text"
@@ -80,8 +83,15 @@ pub struct FileConfig {
     pub devices: Option<String>,
     /// Required bearer key.
     pub api_key: Option<String>,
-    /// Requests generating at once.
+    /// Requests admitted at once (running, or waiting in an engine for KV memory).
     pub max_active: Option<usize>,
+    /// Admissions that may wait for a slot.
+    pub max_queued: Option<usize>,
+    /// Token rows per engine step.
+    pub max_batch_tokens: Option<usize>,
+    /// While requests decode, a step that also prefills may take this many times a
+    /// decode-only step.
+    pub prefill_stall: Option<f64>,
     /// KV memory per device, MiB.
     pub kv_budget_mb: Option<usize>,
     /// Journal flush policy: `every-token`, `interval:MS`, `off`.

@@ -29,14 +29,15 @@ pub struct SynthArgs {
     /// Where to write (a file for GGUF, a directory for HF).
     #[arg(long)]
     out: PathBuf,
-    /// Shape preset: `tiny` (tests), `tiny-k` (k-quant friendly) or `small-100m` (~100M
-    /// parameters, throughput work).
+    /// Shape preset: `tiny` (tests), `tiny-k` (k-quant friendly), `small-100m` (~100M
+    /// parameters, throughput work) or `bench-134m` (the side-by-side bench model of
+    /// ../shared/ANCHORS.md).
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// File layout.
     #[arg(long, value_enum, default_value = "gguf")]
     format: Layout,
-    /// Weight type for GGUF: f32, f16, q8_0, q4_0.
+    /// Weight type for GGUF: f32, f16, bf16, q8_0, q4_0, q4_1, q4_k, q6_k.
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Seed of the random weights.
@@ -51,7 +52,7 @@ pub enum ModelCommandError {
     #[error("unknown preset `{0}` (known: {1})")]
     UnknownPreset(String, String),
     /// No weight type of that name.
-    #[error("unknown weight type `{0}` (known: f32, f16, q8_0, q4_0, q4_1, q4k)")]
+    #[error("unknown weight type `{0}` (known: f32, f16, bf16, q8_0, q4_0, q4_1, q4_k, q6_k)")]
     UnknownDtype(String),
     /// Writing the model failed.
     #[error(transparent)]
@@ -62,10 +63,12 @@ fn weight_type(name: &str) -> Result<GgmlDType, ModelCommandError> {
     Ok(match name.to_ascii_lowercase().as_str() {
         "f32" => GgmlDType::F32,
         "f16" => GgmlDType::F16,
+        "bf16" => GgmlDType::BF16,
         "q8_0" => GgmlDType::Q8_0,
         "q4_0" => GgmlDType::Q4_0,
         "q4_1" => GgmlDType::Q4_1,
         "q4k" | "q4_k" => GgmlDType::Q4K,
+        "q6k" | "q6_k" => GgmlDType::Q6K,
         _ => return Err(ModelCommandError::UnknownDtype(name.to_string())),
     })
 }

@@ -57,9 +57,21 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` (also from env LLMOS_API_KEY).
     #[arg(long)]
     api_key: Option<String>,
-    /// Requests generating at once [default: 64]; more get 429.
+    /// Requests admitted at once [default: 256] (running, or waiting in an engine for KV
+    /// memory); more wait in the admission queue.
     #[arg(long)]
     max_active: Option<usize>,
+    /// Admissions that may wait for a slot [default: 1024]; more get 429.
+    #[arg(long)]
+    max_queued: Option<usize>,
+    /// Token rows per engine step [default: 512]: bounds a step's work (long prompts
+    /// are chunked).
+    #[arg(long)]
+    max_batch_tokens: Option<usize>,
+    /// While requests decode, a step that also prefills may take this many times a
+    /// decode-only step [default: 2.0]: bounds the inter-token stall a new prompt causes.
+    #[arg(long)]
+    prefill_stall: Option<f64>,
     /// KV-cache memory per device, MiB [default: 256].
     #[arg(long)]
     kv_budget_mb: Option<usize>,
@@ -112,7 +124,19 @@ pub async fn run(args: ServeArgs, file: FileConfig) -> anyhow::Result<()> {
     };
     let mut config = RuntimeConfig::new(&model, &state_dir);
     config.devices = parse_device_list(&devices)?;
-    config.max_active = args.max_active.or(file.max_active).unwrap_or(64).max(1);
+    config.max_active = args.max_active.or(file.max_active).unwrap_or(256).max(1);
+    config.max_queued = args.max_queued.or(file.max_queued).unwrap_or(1024);
+    config.max_batch_tokens = args
+        .max_batch_tokens
+        .or(file.max_batch_tokens)
+        .unwrap_or(512)
+        .max(1);
+    config.max_batch_seqs = config.max_batch_seqs.min(config.max_batch_tokens);
+    let stall = args.prefill_stall.or(file.prefill_stall).unwrap_or(2.0);
+    if !(stall.is_finite() && stall >= 1.0) {
+        anyhow::bail!("--prefill-stall must be a number ≥ 1, got {stall}");
+    }
+    config.prefill_stall = stall;
     config.kv_budget_bytes = args
         .kv_budget_mb
         .or(file.kv_budget_mb)

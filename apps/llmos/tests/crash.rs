@@ -49,11 +49,11 @@ fn stdout_of(command: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// How the resumed engine got the sequence's KV, from its log line.
+/// How the resumed engine got the sequence's KV, from its admission log line.
 fn attach_counts(stderr: &str) -> (usize, usize) {
     let line = stderr
         .lines()
-        .find(|l| l.contains("sequence attached"))
+        .find(|l| l.contains("sequence admitted"))
         .unwrap_or_else(|| panic!("no attach logged: {stderr}"));
     let field = |name: &str| -> usize {
         line.split_whitespace()

@@ -328,12 +328,47 @@ fn api_key_is_required_when_set() {
     );
 }
 
+/// Beyond `--max-active`, requests wait in the admission queue: a burst of six on one
+/// slot is served in full, each with the same text.
+#[test]
+fn a_burst_beyond_max_active_waits_in_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("state"),
+        &["--max-active", "1"],
+        &[("LLMOS_FAILPOINTS", "task.step=sleep(5)")],
+    );
+    let request = json!({"prompt": PROMPT, "max_tokens": 12, "temperature": 0});
+    let (addr, body) = (server.addr, request.to_string());
+    let results: Vec<Response> = (0..6)
+        .map(|_| {
+            let body = body.clone();
+            thread::spawn(move || {
+                try_request(addr, "POST", "/v1/completions", &[], Some(&body)).unwrap()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    let texts: Vec<Value> = results
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()["choices"][0]["text"].clone()
+        })
+        .collect();
+    assert!(texts.iter().all(|t| *t == texts[0]), "{texts:?}");
+}
+
+/// With no room to queue, overload answers 429 with `Retry-After`, and every admitted
+/// request is complete.
 #[test]
 fn overload_answers_429_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(
         &dir.path().join("state"),
-        &["--max-active", "1"],
+        &["--max-active", "1", "--max-queued", "0"],
         &[("LLMOS_FAILPOINTS", "task.step=sleep(20)")],
     );
     let request = json!({"prompt": PROMPT, "max_tokens": 20, "temperature": 0});

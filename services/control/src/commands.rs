@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use llmos_inference::{engine_path, Services, REQUESTS_PATH};
+use llmos_inference::{engine_path, RequestStatus, Services, REQUESTS_PATH};
 use llmos_kernel::{faults, Kernel, NodeKind, NodeSnapshot, TreeSnapshot};
 
 use crate::protocol::{Request, Response};
@@ -55,13 +55,15 @@ pub const COMMANDS: &[CommandInfo] = &[
     CommandInfo {
         name: "top",
         usage: "[SECS]",
-        about: "actors by message rate over SECS (default 1, at most 10)",
+        about:
+            "actors by message rate over SECS (default 1, at most 10), then requests by tokens/s",
         takes_path: false,
     },
     CommandInfo {
         name: "requests",
         usage: "",
-        about: "in-flight requests: tokens so far, device, task state",
+        about:
+            "in-flight requests: tokens, device, state (queued/prefill/decode/preempted), tokens/s",
         takes_path: false,
     },
     CommandInfo {
@@ -307,6 +309,35 @@ impl Console {
         });
         let mut out = format!("message rates over {secs:.1}s\n");
         out.push_str(&actor_table(&rows));
+        let mut requests: Vec<(u64, RequestStatus)> =
+            self.services.request_status().into_iter().collect();
+        requests.sort_by(|a, b| {
+            b.1.tokens_per_sec
+                .total_cmp(&a.1.tokens_per_sec)
+                .then(a.0.cmp(&b.0))
+        });
+        let _ = writeln!(
+            out,
+            "\n{:<8} {:<8} {:<10} {:>7} {:>8} {:>8}",
+            "REQUEST", "DEVICE", "STATE", "TOKENS", "KV", "TOK/S"
+        );
+        for (id, s) in &requests {
+            let _ = writeln!(
+                out,
+                "{id:<8} {:<8} {:<10} {:>7} {:>8} {:>8.1}",
+                s.device,
+                s.state.name(),
+                s.generated,
+                s.kv_positions,
+                s.tokens_per_sec
+            );
+        }
+        let total: f64 = requests.iter().map(|(_, s)| s.tokens_per_sec).sum();
+        let _ = write!(
+            out,
+            "{} requests in engines, {total:.1} tokens/s together",
+            requests.len()
+        );
         Ok(out)
     }
 
@@ -320,24 +351,31 @@ impl Console {
                 .map(|(id, log)| (id, log.prompt_tokens.len(), log.tokens.len(), log.delivered))
                 .collect()
         };
-        // The task's placement is private to it; with one device it can only be that one.
-        let device = match self.services.devices.as_slice() {
-            [only] => only.device.id().to_string(),
-            _ => "-".to_string(),
-        };
+        let status = self.services.request_status();
         let mut out = format!(
-            "{:<8} {:<28} {:>7} {:>7} {:>9} {:<8} {:<11} {:>8}\n",
-            "ID", "PATH", "PROMPT", "TOKENS", "DELIVERED", "DEVICE", "STATE", "RESTARTS"
+            "{:<8} {:<28} {:>7} {:>7} {:>9} {:<8} {:<11} {:>7} {:>8}\n",
+            "ID", "PATH", "PROMPT", "TOKENS", "DELIVERED", "DEVICE", "STATE", "TOK/S", "RESTARTS"
         );
         for (id, prompt, tokens, delivered) in &unfinished {
             let path = format!("{REQUESTS_PATH}/req-{id}");
-            let (state, restarts) = match tree.find(&path) {
-                Some(node) => (state_name(node), node.restarts.to_string()),
-                None => ("no task".to_string(), "-".to_string()),
+            let node = tree.find(&path);
+            let restarts = node.map_or("-".to_string(), |n| n.restarts.to_string());
+            // The engine's view when it holds the request, else the task's.
+            let (device, state, rate) = match status.get(id) {
+                Some(s) => (
+                    s.device.clone(),
+                    s.state.name().to_string(),
+                    format!("{:.1}", s.tokens_per_sec),
+                ),
+                None => (
+                    "-".to_string(),
+                    node.map_or("no task".to_string(), state_name),
+                    "-".to_string(),
+                ),
             };
             let _ = writeln!(
                 out,
-                "{id:<8} {path:<28} {prompt:>7} {tokens:>7} {delivered:>9} {device:<8} {state:<11} {restarts:>8}"
+                "{id:<8} {path:<28} {prompt:>7} {tokens:>7} {delivered:>9} {device:<8} {state:<11} {rate:>7} {restarts:>8}"
             );
         }
         let _ = write!(out, "{} in flight", unfinished.len());

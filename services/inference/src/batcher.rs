@@ -117,7 +117,9 @@ pub fn plan(
     by_age.sort_by_key(|c| c.id);
     let mut preempted: BTreeSet<u64> = BTreeSet::new();
     let mut free = free;
-    let grow = |c: &Candidate, n: usize| blocks(c.computed + n, block_tokens).saturating_sub(c.held_blocks);
+    let grow = |c: &Candidate, n: usize| {
+        blocks(c.computed + n, block_tokens).saturating_sub(c.held_blocks)
+    };
 
     // Decodes first: all of them (oldest first, within the limits) must fit.
     let mut decodes: Vec<Candidate> = by_age
@@ -129,7 +131,12 @@ pub fn plan(
     let mut need: usize = decodes.iter().map(|c| grow(c, 1)).sum();
     while need > free {
         // Preempt the newest running sequence (decoding or not) not yet preempted.
-        let Some(victim) = by_age.iter().rev().find(|c| !preempted.contains(&c.id)).copied() else {
+        let Some(victim) = by_age
+            .iter()
+            .rev()
+            .find(|c| !preempted.contains(&c.id))
+            .copied()
+        else {
             break;
         };
         preempted.insert(victim.id);
@@ -149,9 +156,10 @@ pub fn plan(
     } else {
         prefill_allowance.min(tokens_left)
     };
-    for c in by_age.iter().filter(|c| {
-        c.len - c.computed > 1 && allowed(c.id) && !preempted.contains(&c.id)
-    }) {
+    for c in by_age
+        .iter()
+        .filter(|c| c.len - c.computed > 1 && allowed(c.id) && !preempted.contains(&c.id))
+    {
         if run.len() >= budget.max_seqs || prefill_left == 0 {
             break;
         }
@@ -260,12 +268,24 @@ mod tests {
 
     #[test]
     fn decodes_run_first_and_prefill_is_chunked_oldest_first() {
-        let running = [c(3, 0, 100, 0), c(1, 10, 11, 1), c(2, 0, 40, 0), c(4, 5, 6, 1)];
+        let running = [
+            c(3, 0, 100, 0),
+            c(1, 10, 11, 1),
+            c(2, 0, 40, 0),
+            c(4, 5, 6, 1),
+        ];
         let p = plan(&running, 100, 16, BUDGET, 20, &Isolation::None);
         assert!(p.preempt.is_empty());
         assert_eq!(p.run, vec![(1, 1), (4, 1), (2, 20)]);
         // Nothing decoding: the whole budget goes to prefill.
-        let p = plan(&[c(2, 0, 40, 0), c(3, 0, 100, 0)], 100, 16, BUDGET, 20, &Isolation::None);
+        let p = plan(
+            &[c(2, 0, 40, 0), c(3, 0, 100, 0)],
+            100,
+            16,
+            BUDGET,
+            20,
+            &Isolation::None,
+        );
         assert_eq!(p.run, vec![(2, 40), (3, 24)]);
     }
 
@@ -306,7 +326,14 @@ mod tests {
         let running = [c(1, 10, 11, 1), c(2, 10, 11, 1), c(3, 10, 11, 1)];
         let p = plan(&running, 10, 16, BUDGET, 20, &Isolation::Probe(vec![2]));
         assert_eq!(p.run, vec![(2, 1)]);
-        let p = plan(&running, 10, 16, BUDGET, 20, &Isolation::Exclude([2].into()));
+        let p = plan(
+            &running,
+            10,
+            16,
+            BUDGET,
+            20,
+            &Isolation::Exclude([2].into()),
+        );
         assert_eq!(p.run, vec![(1, 1), (3, 1)]);
     }
 

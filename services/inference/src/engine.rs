@@ -217,7 +217,6 @@ struct Sequence {
     /// `None` while waiting: not yet admitted, or preempted.
     kv: Option<SeqKv>,
     preempted: bool,
-    last_token_at: Option<Instant>,
     /// Exponentially weighted tokens per second.
     rate: f64,
 }
@@ -448,7 +447,6 @@ impl EngineThread {
             task: a.task,
             kv,
             preempted: false,
-            last_token_at: None,
             rate: 0.0,
         };
         self.publish_status(&sequence);
@@ -700,7 +698,8 @@ impl EngineThread {
                         .take_poisoned(id)
                         .unwrap_or(text.clone());
                     if let Some(s) = self.seqs.get(&id) {
-                        let (sink, task, generation) = (s.sink.clone(), s.task.clone(), s.generation);
+                        let (sink, task, generation) =
+                            (s.sink.clone(), s.task.clone(), s.generation);
                         self.fail_request(id, &sink, &task, generation, reason);
                     }
                 }
@@ -897,7 +896,8 @@ impl EngineThread {
                 }
                 Err(err) => {
                     tracing::warn!(attempt, error = %err, "journal group append failed");
-                    let rejected = matches!(err, InferenceError::Journal(JournalError::Rejected { .. }));
+                    let rejected =
+                        matches!(err, InferenceError::Journal(JournalError::Rejected { .. }));
                     outcome = Err(Some(err));
                     if rejected {
                         break;
@@ -929,10 +929,8 @@ impl EngineThread {
         }
         match outcome {
             Ok(()) => {
-                let delivered: Vec<(u64, u32, Option<FinishReason>)> = included
-                    .iter()
-                    .map(|s| (s.id, s.token, s.finish))
-                    .collect();
+                let delivered: Vec<(u64, u32, Option<FinishReason>)> =
+                    included.iter().map(|s| (s.id, s.token, s.finish)).collect();
                 for (id, token, finish) in delivered {
                     self.deliver(id, token, finish);
                 }
@@ -954,7 +952,8 @@ impl EngineThread {
                             if let Some(s) = self.seqs.get(&one.id) {
                                 let (sink, task, generation) =
                                     (s.sink.clone(), s.task.clone(), s.generation);
-                                let error = format!("the journal refused its token ({violation}): {err}");
+                                let error =
+                                    format!("the journal refused its token ({violation}): {err}");
                                 self.fail_request(one.id, &sink, &task, generation, error);
                             }
                         }
@@ -1033,26 +1032,29 @@ impl EngineThread {
         };
         let now = Instant::now();
         let index = (s.generated() - 1) as u32;
-        s.sink.deliver(index, token, s.text.visible().text);
+        let delivered = s.sink.deliver(index, token, s.text.visible().text);
         let metrics = &self.services.metrics;
-        match s.last_token_at {
-            Some(last) => {
-                let gap = now.duration_since(last).as_secs_f64();
+        match delivered.map(|d| d.gap) {
+            Some(Some(gap)) => {
+                let gap = gap.as_secs_f64();
                 metrics.inter_token_latency.observe(gap);
                 if gap > 0.0 {
-                    s.rate = if s.rate == 0.0 { 1.0 / gap } else { 0.8 * s.rate + 0.2 / gap };
+                    s.rate = if s.rate == 0.0 {
+                        1.0 / gap
+                    } else {
+                        0.8 * s.rate + 0.2 / gap
+                    };
                 }
             }
-            None if index == 0 => {
+            Some(None) if index == 0 => {
                 if let Some(submitted) = self.services.submitted_at(id) {
                     metrics
                         .time_to_first_token
                         .observe(now.duration_since(submitted).as_secs_f64());
                 }
             }
-            None => {}
+            _ => {}
         }
-        s.last_token_at = Some(now);
         let Some(reason) = finish else { return };
         let s = self.seqs.remove(&id).expect("present above");
         s.sink.finish(reason, s.prompt_len, s.generated());

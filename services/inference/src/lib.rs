@@ -19,8 +19,8 @@ mod sink;
 mod task;
 mod text;
 
-pub use config::{LoadProgressHook, RuntimeConfig};
 pub use batcher::{CostModel, StepBudget};
+pub use config::{LoadProgressHook, RuntimeConfig};
 pub use engine::{
     engine_hang_point_for, engine_step_point_for, Attach, EngineMsg, ENGINE_HANG_POINT,
     ENGINE_LAYER_POINT, ENGINE_STEP_POINT,
@@ -38,6 +38,6 @@ pub use services::{
     DeviceRuntime, JournalHealthReport, KvSourceStats, LoadedModel, RequestState, RequestStatus,
     Services,
 };
-pub use sink::{FinishReason, StreamEvent};
+pub use sink::{Delivered, FinishReason, StreamEvent};
 pub use task::{MAX_STALLED_STARTS, REQUESTS_PATH, TASK_STEP_POINT};
 pub use text::TextStream;

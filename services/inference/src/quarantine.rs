@@ -137,7 +137,12 @@ impl Quarantine {
         if self.strikes < 2 || self.suspects.is_empty() {
             return Isolation::None;
         }
-        let ready: Vec<u64> = self.suspects.iter().copied().filter(|&s| runnable(s)).collect();
+        let ready: Vec<u64> = self
+            .suspects
+            .iter()
+            .copied()
+            .filter(|&s| runnable(s))
+            .collect();
         if ready.is_empty() || self.probed_last {
             self.probed_last = false;
             return Isolation::Exclude(self.suspects.clone());
@@ -180,7 +185,9 @@ mod tests {
             let step: Vec<u64> = match q.plan(|s| live.contains(&s)) {
                 Isolation::None => live.iter().copied().collect(),
                 Isolation::Probe(p) => p,
-                Isolation::Exclude(ex) => live.iter().copied().filter(|s| !ex.contains(s)).collect(),
+                Isolation::Exclude(ex) => {
+                    live.iter().copied().filter(|s| !ex.contains(s)).collect()
+                }
             };
             if step.is_empty() {
                 continue;
@@ -221,7 +228,11 @@ mod tests {
         let mut q = Quarantine::default();
         q.begin_step(&[1, 2, 3]);
         assert!(q.recover("cpu:0").is_empty());
-        assert_eq!(q.plan(|_| true), Isolation::None, "first strike: plain retry");
+        assert_eq!(
+            q.plan(|_| true),
+            Isolation::None,
+            "first strike: plain retry"
+        );
         q.begin_step(&[1, 2, 3]);
         q.step_passed();
         assert!(q.suspects().is_empty());
@@ -231,7 +242,10 @@ mod tests {
         q.begin_step(&[7]);
         q.step_passed();
         q.begin_step(&[7]);
-        assert!(q.recover("cpu:0").is_empty(), "solo count was reset by the pass");
+        assert!(
+            q.recover("cpu:0").is_empty(),
+            "solo count was reset by the pass"
+        );
     }
 
     #[test]

@@ -473,12 +473,12 @@ impl Runtime {
             )
             .await;
         match waited {
-            Err(llmos_kernel::KernelError::CallTimeout { .. }) => Err(InferenceError::Overloaded(
-                format!(
+            Err(llmos_kernel::KernelError::CallTimeout { .. }) => {
+                Err(InferenceError::Overloaded(format!(
                     "no admission slot freed within {:?}",
                     self.services.config.queue_timeout
-                ),
-            )),
+                )))
+            }
             other => other?,
         }
     }

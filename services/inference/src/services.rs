@@ -323,7 +323,10 @@ impl Services {
 
     /// Every request an engine holds, with its state, as last reported.
     pub fn request_status(&self) -> HashMap<u64, RequestStatus> {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The loaded model (set by the `models` actor).

@@ -5,6 +5,7 @@
 //! one lock so nothing falls between the history and the live channel.
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -70,6 +71,8 @@ pub enum StreamEvent {
 
 struct Cursor {
     delivered: u32,
+    /// When the last token was delivered in this process.
+    last_at: Option<Instant>,
     text_sent: usize,
     done: bool,
     /// Every event delivered by this sink, in order (tokens from `base` on, then the end):
@@ -97,6 +100,13 @@ pub(crate) struct Subscription {
     pub live: mpsc::UnboundedReceiver<StreamEvent>,
 }
 
+/// What one delivery did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delivered {
+    /// Time since the previous token was delivered in this process (`None` for the first).
+    pub gap: Option<Duration>,
+}
+
 /// A request's delivery channel.
 pub struct RequestSink {
     cursor: Mutex<Cursor>,
@@ -112,6 +122,7 @@ impl RequestSink {
             Self {
                 cursor: Mutex::new(Cursor {
                     delivered,
+                    last_at: None,
                     text_sent,
                     done: false,
                     history: Vec::new(),
@@ -144,17 +155,22 @@ impl RequestSink {
     }
 
     /// Delivers token `index` whose visible text (of the whole generation) is `visible`.
-    /// Repeats of delivered indices are ignored; returns whether this call delivered.
-    pub fn deliver(&self, index: u32, token: u32, visible: &str) -> bool {
+    /// Repeats of delivered indices are ignored (`None`); a delivery reports the time since
+    /// the previous one in this process (what a client waited between tokens, across any
+    /// restart of the task or engine in between).
+    pub fn deliver(&self, index: u32, token: u32, visible: &str) -> Option<Delivered> {
         let mut cursor = self.cursor.lock().unwrap_or_else(|e| e.into_inner());
         if cursor.done || index != cursor.delivered {
-            return false;
+            return None;
         }
         let text = visible.get(cursor.text_sent..).unwrap_or("").to_string();
         cursor.text_sent = cursor.text_sent.max(visible.len());
         cursor.delivered += 1;
+        let now = Instant::now();
+        let gap = cursor.last_at.map(|last| now.duration_since(last));
+        cursor.last_at = Some(now);
         cursor.send(StreamEvent::Token { index, token, text });
-        true
+        Some(Delivered { gap })
     }
 
     /// Ends the stream (once). The last token's delivery already carried the final text.

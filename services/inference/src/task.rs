@@ -155,7 +155,13 @@ impl Actor for TaskActor {
         };
         deliver_journaled(&model, &state.sink, &journaled);
         if let Some(code) = journaled.log.finished {
-            self.finish(&myself, &mut state, FinishReason::from_code(code), false, None);
+            self.finish(
+                &myself,
+                &mut state,
+                FinishReason::from_code(code),
+                false,
+                None,
+            );
             return Ok(state);
         }
         if stalled >= MAX_STALLED_STARTS {
@@ -175,7 +181,13 @@ impl Actor for TaskActor {
                  last failure: {last}",
                 self.request
             );
-            self.finish(&myself, &mut state, FinishReason::Error, true, Some(failure));
+            self.finish(
+                &myself,
+                &mut state,
+                FinishReason::Error,
+                true,
+                Some(failure),
+            );
             return Ok(state);
         }
         if let Some(reason) = finished_by_rules(&model, &journaled) {
@@ -384,9 +396,10 @@ impl TaskActor {
                 }
             }
         }
-        let log_sizes = self.read_journal().ok().map(|j| {
-            (j.log.prompt_tokens.len(), j.log.tokens.len())
-        });
+        let log_sizes = self
+            .read_journal()
+            .ok()
+            .map(|j| (j.log.prompt_tokens.len(), j.log.tokens.len()));
         match failure {
             Some(error) => state.sink.fail(error),
             None => {

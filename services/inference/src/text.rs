@@ -101,8 +101,7 @@ impl TextStream {
         }
         self.finished = true;
         if !self.pending.is_empty() {
-            self.text
-                .push_str(&String::from_utf8_lossy(&self.pending));
+            self.text.push_str(&String::from_utf8_lossy(&self.pending));
             self.pending.clear();
             self.search_stops();
         }

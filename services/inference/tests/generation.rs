@@ -195,7 +195,10 @@ async fn a_pool_too_small_for_a_request_refuses_it_without_disturbing_others() {
         .await
         .err()
         .expect("needs more KV than the pool has");
-    assert!(matches!(err, InferenceError::Overloaded(_)), "{err}");
+    assert!(
+        matches!(err, InferenceError::TooLarge { capacity: 128, .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("KV"), "{err}");
     let out = collect(
         runtime

@@ -34,7 +34,11 @@ const OPENINGS: [&str; 8] = [
 
 /// Request `i` of a load: its prompt and parameters (even: greedy; odd: seeded sampling).
 fn request(i: usize, max_tokens: usize) -> (String, SamplingParams) {
-    let prompt = format!("{} {}", OPENINGS[i % OPENINGS.len()], "and".repeat(i / OPENINGS.len()));
+    let prompt = format!(
+        "{} {}",
+        OPENINGS[i % OPENINGS.len()],
+        "and".repeat(i / OPENINGS.len())
+    );
     let params = SamplingParams {
         temperature: if i % 2 == 0 { 0.0 } else { 0.8 },
         top_p: if i % 4 == 1 { 0.9 } else { 1.0 },
@@ -60,7 +64,12 @@ async fn alone(config: RuntimeConfig, n: usize, max_tokens: usize) -> Vec<Output
 }
 
 /// All `n` requests at once; returns each one's output (index order) and their ids.
-async fn together(runtime: &Runtime, n: usize, max_tokens: usize, guard: Duration) -> (Vec<Output>, Vec<u64>) {
+async fn together(
+    runtime: &Runtime,
+    n: usize,
+    max_tokens: usize,
+    guard: Duration,
+) -> (Vec<Output>, Vec<u64>) {
     let mut ids = Vec::new();
     let mut tasks = Vec::new();
     for i in 0..n {
@@ -79,15 +88,26 @@ async fn together(runtime: &Runtime, n: usize, max_tokens: usize, guard: Duratio
 fn assert_same(context: &str, got: &[Output], want: &[Output]) {
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert_eq!(g.error, None, "{context}: request {i} failed");
-        assert_eq!(g.tokens, w.tokens, "{context}: request {i}: tokens differ from running alone");
-        assert_eq!(g.text, w.text, "{context}: request {i}: text differs from running alone");
+        assert_eq!(
+            g.tokens, w.tokens,
+            "{context}: request {i}: tokens differ from running alone"
+        );
+        assert_eq!(
+            g.text, w.text,
+            "{context}: request {i}: text differs from running alone"
+        );
         assert_eq!(g.finish, w.finish, "{context}: request {i}: finish differs");
     }
 }
 
 /// A fault schedule in the `fail` crate's syntax: `count` faults of `action`, each after
 /// a gap drawn from `gap` evaluations.
-fn schedule(rng: &mut ChaCha8Rng, action: &str, count: usize, gap: std::ops::Range<usize>) -> String {
+fn schedule(
+    rng: &mut ChaCha8Rng,
+    action: &str,
+    count: usize,
+    gap: std::ops::Range<usize>,
+) -> String {
     let mut spec = String::new();
     for _ in 0..count {
         spec.push_str(&format!("{}*off->1*{action}->", rng.gen_range(gap.clone())));
@@ -100,10 +120,7 @@ const CHAOS_STREAMS: usize = 16;
 const CHAOS_TOKENS: usize = 48;
 
 fn chaos_config(dir: &std::path::Path) -> RuntimeConfig {
-    let mut config = config(
-        dir,
-        &[DeviceId::cpu(0), DeviceId::cpu(1), DeviceId::cpu(2)],
-    );
+    let mut config = config(dir, &[DeviceId::cpu(0), DeviceId::cpu(1), DeviceId::cpu(2)]);
     config.engine_heartbeat = Duration::from_millis(400);
     config
 }
@@ -125,7 +142,13 @@ async fn chaos(seed: u64, reference: &[Output]) {
     for (point, spec) in &specs {
         llmos_kernel::faults::configure(point, spec).unwrap();
     }
-    let (got, ids) = together(&runtime, CHAOS_STREAMS, CHAOS_TOKENS, Duration::from_secs(120)).await;
+    let (got, ids) = together(
+        &runtime,
+        CHAOS_STREAMS,
+        CHAOS_TOKENS,
+        Duration::from_secs(120),
+    )
+    .await;
     for (point, _) in &specs {
         llmos_kernel::faults::clear(point);
     }
@@ -148,17 +171,27 @@ async fn chaos(seed: u64, reference: &[Output]) {
         );
     }
     assert!(
-        seen.iter().any(|e| matches!(e, KernelEvent::Failed { path, .. } if path.as_str().ends_with("/engine"))),
+        seen.iter().any(
+            |e| matches!(e, KernelEvent::Failed { path, .. } if path.as_str().ends_with("/engine"))
+        ),
         "{context}: no engine crash"
     );
     assert!(
-        seen.iter().any(|e| matches!(e, KernelEvent::HangDetected { .. })),
+        seen.iter()
+            .any(|e| matches!(e, KernelEvent::HangDetected { .. })),
         "{context}: no hang"
     );
-    let lost = runtime.services().devices.iter().filter(|d| !d.device.is_healthy()).count();
+    let lost = runtime
+        .services()
+        .devices
+        .iter()
+        .filter(|d| !d.device.is_healthy())
+        .count();
     assert_eq!(lost, 2, "{context}: cpu:0 and cpu:1 are lost");
     assert!(
-        !seen.iter().any(|e| matches!(e, KernelEvent::Escalated { .. })),
+        !seen
+            .iter()
+            .any(|e| matches!(e, KernelEvent::Escalated { .. })),
         "{context}: a fault escalated: {seen:?}"
     );
     runtime.shutdown("test").await;
@@ -212,11 +245,17 @@ async fn a_poison_request_fails_alone() {
     let reference = alone(config(dir.path(), &[DeviceId::cpu(0)]), 6, 40).await;
     for kind in ["engine.step", "engine.hang"] {
         let dir = tempfile::tempdir().unwrap();
-        let runtime = Runtime::boot(config(dir.path(), &[DeviceId::cpu(0)])).await.unwrap();
+        let runtime = Runtime::boot(config(dir.path(), &[DeviceId::cpu(0)]))
+            .await
+            .unwrap();
         let mut events = runtime.kernel().subscribe();
         // Request ids start at 1 in a fresh state directory: the third is the poison.
         let point = format!("{kind}:req-3");
-        let action = if kind == "engine.step" { "panic" } else { "return" };
+        let action = if kind == "engine.step" {
+            "panic"
+        } else {
+            "return"
+        };
         llmos_kernel::faults::configure(&point, action).unwrap();
         let (got, ids) = together(&runtime, 6, 40, Duration::from_secs(120)).await;
         llmos_kernel::faults::clear(&point);
@@ -228,7 +267,9 @@ async fn a_poison_request_fails_alone() {
         }
         let seen: Vec<KernelEvent> = std::iter::from_fn(|| events.try_next()).collect();
         assert!(
-            !seen.iter().any(|e| matches!(e, KernelEvent::Escalated { .. })),
+            !seen
+                .iter()
+                .any(|e| matches!(e, KernelEvent::Escalated { .. })),
             "{kind}: escalated"
         );
         assert_eq!(runtime.services().metrics.poisoned.get(), 1);
@@ -247,13 +288,21 @@ async fn a_slow_step_is_not_a_hang() {
     let runtime = Runtime::boot(config).await.unwrap();
     let mut events = runtime.kernel().subscribe();
     llmos_kernel::faults::configure("engine.layer", "sleep(60)").unwrap();
-    let out = collect(runtime.submit("Once upon a time", params(0.0, 4)).await.unwrap()).await;
+    let out = collect(
+        runtime
+            .submit("Once upon a time", params(0.0, 4))
+            .await
+            .unwrap(),
+    )
+    .await;
     llmos_kernel::faults::clear("engine.layer");
     assert_eq!(out.error, None);
     assert_eq!(out.tokens.len(), 4);
     let seen: Vec<KernelEvent> = std::iter::from_fn(|| events.try_next()).collect();
     assert!(
-        !seen.iter().any(|e| matches!(e, KernelEvent::HangDetected { .. })),
+        !seen
+            .iter()
+            .any(|e| matches!(e, KernelEvent::HangDetected { .. })),
         "a slow step was taken for a hang"
     );
     runtime.shutdown("test").await;

@@ -12,7 +12,6 @@
 
 use std::borrow::Cow;
 
-
 use crate::error::KvError;
 use crate::layout::{self, BlockMeta};
 use crate::pool::{BlockId, BlockPool, SharedPool};

@@ -51,8 +51,13 @@ pub trait KvStore {
     fn reserve(&mut self, total: usize) -> Result<(), KvError>;
     /// Stores K and V rows of `layer` for positions `start..start+count`
     /// (`k.len() == v.len() == count × row_len`).
-    fn write_rows(&mut self, layer: usize, start: usize, k: &[f32], v: &[f32])
-        -> Result<(), KvError>;
+    fn write_rows(
+        &mut self,
+        layer: usize,
+        start: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), KvError>;
     /// Lends K and V of `layer` for positions `0..len` to `f`, without copying where the
     /// storage allows.
     fn view(&self, layer: usize, len: usize, f: &mut dyn FnMut(&KvView<'_>))

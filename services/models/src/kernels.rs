@@ -133,13 +133,7 @@ pub struct AttentionShape {
 /// [`dot`], their maximum, `exp(score − max)` summed in position order, values weighted
 /// and summed in position order, then divided by the sum — so it is the same whatever
 /// chunk the row arrived in.
-pub fn attention(
-    q: &[f32],
-    kv: &KvView<'_>,
-    start: usize,
-    shape: AttentionShape,
-    out: &mut [f32],
-) {
+pub fn attention(q: &[f32], kv: &KvView<'_>, start: usize, shape: AttentionShape, out: &mut [f32]) {
     let AttentionShape {
         n_heads,
         n_kv_heads,
@@ -231,7 +225,9 @@ mod tests {
         let view = |upto: usize, run: usize| {
             let runs = |data: &[f32]| {
                 (0..upto.div_ceil(run))
-                    .map(|i| Cow::Owned(data[i * run * row..(upto.min((i + 1) * run)) * row].to_vec()))
+                    .map(|i| {
+                        Cow::Owned(data[i * run * row..(upto.min((i + 1) * run)) * row].to_vec())
+                    })
                     .collect::<Vec<_>>()
             };
             KvView::new(row, run, upto, runs(&keys), runs(&values))

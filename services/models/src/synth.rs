@@ -98,8 +98,31 @@ impl Preset {
         tied_embeddings: true,
     };
 
+    /// The bench model of `../shared/ANCHORS.md`, loaded by every system a benchmark
+    /// compares (llama.cpp included): 134,105,856 parameters, dim 768, 12 layers, 12 heads
+    /// and 12 KV heads (head_dim 64), ffn 2048, vocab 32000, untied output, context 2048;
+    /// 143 MB as q8_0.
+    pub const BENCH_134M: Preset = Preset {
+        name: "bench-134m",
+        dim: 768,
+        n_layers: 12,
+        n_heads: 12,
+        n_kv_heads: 12,
+        ffn_dim: 2048,
+        vocab_size: 32_000,
+        context_length: 2048,
+        rope_theta: 10_000.0,
+        rms_eps: 1e-5,
+        tied_embeddings: false,
+    };
+
     /// All presets.
-    pub const ALL: [Preset; 3] = [Preset::TINY, Preset::TINY_K, Preset::SMALL_100M];
+    pub const ALL: [Preset; 4] = [
+        Preset::TINY,
+        Preset::TINY_K,
+        Preset::SMALL_100M,
+        Preset::BENCH_134M,
+    ];
 
     /// The preset called `name`.
     pub fn by_name(name: &str) -> Option<Preset> {
@@ -588,6 +611,8 @@ mod tests {
         assert_eq!(Preset::TINY_K.param_count(), 1_049_856);
         assert_eq!(Preset::SMALL_100M.param_count(), 100_092_672);
         assert_eq!(Preset::by_name("small-100m"), Some(Preset::SMALL_100M));
+        assert_eq!(Preset::BENCH_134M.param_count(), 134_105_856);
+        assert_eq!(Preset::by_name("bench-134m"), Some(Preset::BENCH_134M));
     }
 
     #[test]

@@ -59,10 +59,7 @@ pub(crate) enum Linear {
     /// called with at least two rows (one row takes another path for q6_K) and at most
     /// [`QUANT_MAX_ROWS`] per call for q4_K (more rows take an AMX path where the CPU has
     /// it). Checked bit for bit by the batch-invariance tests.
-    Quant {
-        matmul: QMatMul,
-        dtype: GgmlDType,
-    },
+    Quant { matmul: QMatMul, dtype: GgmlDType },
 }
 
 /// Rows per call of a q4_K matmul (see [`Linear::Quant`]).

@@ -51,7 +51,13 @@ fn bits(logits: &[f32]) -> Vec<u32> {
 /// Runs one random schedule (random subsets of the sequences per step, random chunk sizes,
 /// random order in the batch, logits asked for at random) and checks every logits row it
 /// produced against the sequence run alone.
-fn check_schedule(model: &Model, name: &str, seed: u64, seqs: &[Vec<u32>], reference: &[Vec<Vec<u32>>]) {
+fn check_schedule(
+    model: &Model,
+    name: &str,
+    seed: u64,
+    seqs: &[Vec<u32>],
+    reference: &[Vec<Vec<u32>>],
+) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let paged = rng.gen_bool(0.5);
     let pool = SharedPool::new(
@@ -98,7 +104,15 @@ fn check_schedule(model: &Model, name: &str, seed: u64, seqs: &[Vec<u32>], refer
         let wanted: Vec<bool> = chunks.iter().map(|_| rng.gen_bool(0.8)).collect();
         let mut taken: Vec<(usize, Box<dyn KvStore + Send>)> = chunks
             .iter()
-            .map(|&(i, _)| (i, std::mem::replace(&mut stores[i], Box::new(ContiguousKv::new(model.kv_shape())))))
+            .map(|&(i, _)| {
+                (
+                    i,
+                    std::mem::replace(
+                        &mut stores[i],
+                        Box::new(ContiguousKv::new(model.kv_shape())),
+                    ),
+                )
+            })
             .collect();
         let mut batch: Vec<SeqStep<'_>> = taken
             .iter_mut()
@@ -119,8 +133,10 @@ fn check_schedule(model: &Model, name: &str, seed: u64, seqs: &[Vec<u32>], refer
             )
             .unwrap();
         drop(batch);
-        for (((i, kv), &(_, n)), (want, logits)) in
-            taken.into_iter().zip(&chunks).zip(wanted.iter().zip(logits))
+        for (((i, kv), &(_, n)), (want, logits)) in taken
+            .into_iter()
+            .zip(&chunks)
+            .zip(wanted.iter().zip(logits))
         {
             let end = done[i] + n;
             match logits {
@@ -173,15 +189,30 @@ fn stories260k_f32_is_batch_invariant() {
 #[test]
 fn f32_weights_are_batch_invariant() {
     let dir = tempfile::tempdir().unwrap();
-    check_model(&synth_gguf(dir.path(), &Preset::TINY, GgmlDType::F32), "tiny f32");
+    check_model(
+        &synth_gguf(dir.path(), &Preset::TINY, GgmlDType::F32),
+        "tiny f32",
+    );
 }
 
 #[test]
 fn f16_weights_are_batch_invariant() {
     let dir = tempfile::tempdir().unwrap();
-    check_model(&synth_gguf(dir.path(), &Preset::TINY, GgmlDType::F16), "tiny f16 gguf");
+    check_model(
+        &synth_gguf(dir.path(), &Preset::TINY, GgmlDType::F16),
+        "tiny f16 gguf",
+    );
     let hf = dir.path().join("hf-f16");
-    synth::write_hf_dir_with(&hf, &Preset::TINY, 7, HfOptions { dtype: DType::F16, shards: 1 }).unwrap();
+    synth::write_hf_dir_with(
+        &hf,
+        &Preset::TINY,
+        7,
+        HfOptions {
+            dtype: DType::F16,
+            shards: 1,
+        },
+    )
+    .unwrap();
     check_model(&hf, "tiny f16 safetensors");
 }
 
@@ -189,36 +220,60 @@ fn f16_weights_are_batch_invariant() {
 fn bf16_weights_are_batch_invariant() {
     let dir = tempfile::tempdir().unwrap();
     let hf = dir.path().join("hf-bf16");
-    synth::write_hf_dir_with(&hf, &Preset::TINY, 7, HfOptions { dtype: DType::BF16, shards: 1 }).unwrap();
+    synth::write_hf_dir_with(
+        &hf,
+        &Preset::TINY,
+        7,
+        HfOptions {
+            dtype: DType::BF16,
+            shards: 1,
+        },
+    )
+    .unwrap();
     check_model(&hf, "tiny bf16 safetensors");
 }
 
 #[test]
 fn q8_0_weights_are_batch_invariant() {
     let dir = tempfile::tempdir().unwrap();
-    check_model(&synth_gguf(dir.path(), &Preset::TINY, GgmlDType::Q8_0), "tiny q8_0");
+    check_model(
+        &synth_gguf(dir.path(), &Preset::TINY, GgmlDType::Q8_0),
+        "tiny q8_0",
+    );
 }
 
 #[test]
 fn q4_0_weights_are_batch_invariant() {
     let dir = tempfile::tempdir().unwrap();
-    check_model(&synth_gguf(dir.path(), &Preset::TINY, GgmlDType::Q4_0), "tiny q4_0");
+    check_model(
+        &synth_gguf(dir.path(), &Preset::TINY, GgmlDType::Q4_0),
+        "tiny q4_0",
+    );
 }
 
 #[test]
 fn q4_1_weights_are_batch_invariant() {
     let dir = tempfile::tempdir().unwrap();
-    check_model(&synth_gguf(dir.path(), &Preset::TINY, GgmlDType::Q4_1), "tiny q4_1");
+    check_model(
+        &synth_gguf(dir.path(), &Preset::TINY, GgmlDType::Q4_1),
+        "tiny q4_1",
+    );
 }
 
 #[test]
 fn q4_k_weights_are_batch_invariant() {
     let dir = tempfile::tempdir().unwrap();
-    check_model(&synth_gguf(dir.path(), &Preset::TINY_K, GgmlDType::Q4K), "tiny-k q4_K");
+    check_model(
+        &synth_gguf(dir.path(), &Preset::TINY_K, GgmlDType::Q4K),
+        "tiny-k q4_K",
+    );
 }
 
 #[test]
 fn q6_k_weights_are_batch_invariant() {
     let dir = tempfile::tempdir().unwrap();
-    check_model(&synth_gguf(dir.path(), &Preset::TINY_K, GgmlDType::Q6K), "tiny-k q6_K");
+    check_model(
+        &synth_gguf(dir.path(), &Preset::TINY_K, GgmlDType::Q6K),
+        "tiny-k q6_K",
+    );
 }
