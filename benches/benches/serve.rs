@@ -2,7 +2,7 @@
 //! `llama-server` on the same synthetic 134M q8_0 GGUF (`bench-134m`, see
 //! ../shared/ANCHORS.md), driven by the same client load over the OpenAI API — distinct
 //! prompts of about 120 tokens, 128 greedy tokens each, at 1, 8, 16 and 64 concurrent
-//! streams — then the prefill of a ≈500-token prompt, and (llmos) inter-token gaps of 16
+//! streams (below 8 streams the median of 3 runs) — then the prefill of a ≈500-token prompt, and (llmos) inter-token gaps of 16
 //! streams while a 1,500-token prompt arrives mid-run. It prints aggregate tokens/s,
 //! time to first token and inter-token gaps per server, their ratios, errors and hang
 //! detections, next to the targets of the engine-under-load issue.
@@ -72,7 +72,8 @@ fn llmos_binary() -> Res<PathBuf> {
 
 fn anchor() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("LLAMA_SERVER") {
-        return Some(PathBuf::from(path));
+        let path = PathBuf::from(path);
+        return path.exists().then_some(path);
     }
     let home = std::env::var_os("HOME")?;
     let path = Path::new(&home).join(
@@ -480,6 +481,19 @@ fn bench() -> Res<()> {
     let interference = long_prompt_interference(&llmos, &tokenizer, max_tokens)?;
 
     let hangs = hang_detections(&llmos);
+    let metrics = llmos.get("/metrics").unwrap_or_default();
+    let mean = |name: &str| {
+        sample(&metrics, &format!("{name}_sum")) / sample(&metrics, &format!("{name}_count"))
+    };
+    println!(
+        "\nllmos engine over the whole run: mean step {:.1} ms, of which forward {:.1} ms; \
+         mean batch {:.1} sequences / {:.1} token rows; {} preemptions",
+        mean("llmos_engine_step_seconds") * 1e3,
+        mean("llmos_engine_forward_seconds") * 1e3,
+        mean("llmos_engine_batch_sequences"),
+        mean("llmos_engine_batch_tokens"),
+        sample(&metrics, "llmos_preemptions_total"),
+    );
     let _ = llmos.child.try_wait();
     summary(&results, &prefill, &interference, hangs, llama.is_some());
     Ok(())

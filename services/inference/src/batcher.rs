@@ -6,9 +6,10 @@
 //! - Every decoding sequence (one token pending) runs every step; decodes come first.
 //! - Prefill (a prompt, or KV being recomputed after a fault or a preemption) is chunked:
 //!   while anything decodes, a step's prefill tokens are limited so the step takes at most
-//!   `prefill_stall` times a decode-only step (from the measured cost model), so a long
-//!   prompt never stalls running streams; with nothing decoding a step takes up to
-//!   `max_tokens`. Older sequences (lower id) prefill first.
+//!   `prefill_stall` times a decode-only step, or a floor time that nobody notices, from
+//!   the measured cost model ([`CostModel::prefill_allowance`]), so a long prompt never
+//!   stalls running streams; with nothing decoding a step takes up to `max_tokens`.
+//!   Older sequences (lower id) prefill first.
 //! - KV: a step's blocks are found before it runs. When decodes need more blocks than are
 //!   free, the newest running sequences are preempted (their KV dropped; sealed blocks
 //!   stay restorable) until the rest fit; they come back, oldest first, once the blocks
@@ -80,9 +81,8 @@ pub fn admit(
     max_seqs: usize,
 ) -> Vec<u64> {
     let mut free = free;
-    let mut running = running;
     let mut admitted = Vec::new();
-    for c in waiting {
+    for (running, c) in (running..).zip(waiting) {
         if running >= max_seqs {
             break;
         }
@@ -92,7 +92,6 @@ pub fn admit(
             break;
         }
         free -= need;
-        running += 1;
         admitted.push(c.id);
     }
     admitted
@@ -182,68 +181,111 @@ pub fn plan(
     }
 }
 
-/// The cost of a step as a function of its token rows, `seconds ≈ fixed + per_row ×
-/// rows`, fitted online by recursive least squares with forgetting (recent steps weigh
-/// most: the cost changes with context length and with what else runs on the machine).
-#[derive(Clone, Debug)]
+/// The measured cost of a step as a function of its token rows: an exponentially
+/// weighted average of the observed step times in bins of rows by powers of two,
+/// interpolated linearly between bins. It learns from what actually ran (no fitted
+/// line that could drift when every step has the same size), follows changes of context
+/// length and machine load, and beyond what it has seen it extrapolates conservatively.
+#[derive(Clone, Debug, Default)]
 pub struct CostModel {
-    theta: [f64; 2],
-    p: [[f64; 2]; 2],
-    observations: u64,
+    bins: [Bin; BINS],
 }
 
-impl Default for CostModel {
-    fn default() -> Self {
-        Self {
-            theta: [0.0, 0.0],
-            p: [[1e4, 0.0], [0.0, 1e4]],
-            observations: 0,
-        }
-    }
-}
+/// Steps of up to 2^BINS rows are told apart.
+const BINS: usize = 16;
+/// Weight of a new observation in its bin.
+const RECENT: f64 = 0.25;
 
-/// Weight of the past per observation.
-const FORGETTING: f64 = 0.97;
+#[derive(Clone, Copy, Debug, Default)]
+struct Bin {
+    rows: f64,
+    secs: f64,
+    seen: bool,
+}
 
 impl CostModel {
     /// Records that a step of `rows` token rows took `seconds`.
     pub fn observe(&mut self, rows: usize, seconds: f64) {
-        let x = [1.0, rows as f64];
-        let px = [
-            self.p[0][0] * x[0] + self.p[0][1] * x[1],
-            self.p[1][0] * x[0] + self.p[1][1] * x[1],
-        ];
-        let denom = FORGETTING + x[0] * px[0] + x[1] * px[1];
-        let gain = [px[0] / denom, px[1] / denom];
-        let error = seconds - (self.theta[0] * x[0] + self.theta[1] * x[1]);
-        self.theta[0] += gain[0] * error;
-        self.theta[1] += gain[1] * error;
-        let mut p = [[0.0; 2]; 2];
-        for (i, row) in p.iter_mut().enumerate() {
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = (self.p[i][j] - gain[i] * px[j]) / FORGETTING;
+        if rows == 0 || !seconds.is_finite() || seconds < 0.0 {
+            return;
+        }
+        let bin = &mut self.bins[rows.ilog2().min(BINS as u32 - 1) as usize];
+        if bin.seen {
+            bin.rows += RECENT * (rows as f64 - bin.rows);
+            bin.secs += RECENT * (seconds - bin.secs);
+        } else {
+            *bin = Bin {
+                rows: rows as f64,
+                secs: seconds,
+                seen: true,
+            };
+        }
+    }
+
+    /// The expected seconds of a step of `rows` rows, once anything was measured.
+    pub fn predict(&self, rows: usize) -> Option<f64> {
+        let points: Vec<(f64, f64)> = self
+            .bins
+            .iter()
+            .filter(|b| b.seen)
+            .map(|b| (b.rows, b.secs))
+            .collect();
+        let x = rows as f64;
+        let (first, last) = (*points.first()?, *points.last()?);
+        if x <= first.0 {
+            // Below what was seen: along the first segment (steps have a fixed cost), and
+            // never below proportion.
+            let proportional = first.1 * x / first.0;
+            let along = points.get(1).map_or(proportional, |&(x1, y1)| {
+                first.1 - (y1 - first.1) / (x1 - first.0).max(1e-9) * (first.0 - x)
+            });
+            return Some(proportional.max(along));
+        }
+        for pair in points.windows(2) {
+            let ((x0, y0), (x1, y1)) = (pair[0], pair[1]);
+            if x <= x1 {
+                return Some(y0 + (y1 - y0) * (x - x0) / (x1 - x0).max(1e-9));
             }
         }
-        self.p = p;
-        self.observations += 1;
+        // Beyond: at least in proportion to the largest step seen (assumes no fixed cost,
+        // so it overestimates), and along the last slope if that is steeper.
+        let proportional = last.1 * x / last.0;
+        let along = points
+            .len()
+            .checked_sub(2)
+            .map(|i| {
+                let (x0, y0) = points[i];
+                last.1 + (last.1 - y0) / (last.0 - x0).max(1e-9) * (x - last.0)
+            })
+            .unwrap_or(proportional);
+        Some(proportional.max(along))
     }
 
-    /// `(fixed, per_row)` seconds, once the fit is usable.
-    pub fn estimate(&self) -> Option<(f64, f64)> {
-        let [fixed, per_row] = self.theta;
-        (self.observations >= 4 && per_row > 0.0 && fixed.is_finite() && per_row.is_finite())
-            .then_some((fixed.max(0.0), per_row))
-    }
-
-    /// Prefill tokens a step with `decodes` decoding sequences may add so that it takes
-    /// at most `stall` times the decode-only step: `(stall − 1)·(fixed/per_row + decodes)`,
-    /// at least [`MIN_PREFILL_CHUNK`] (also before the fit is usable).
-    pub fn prefill_allowance(&self, decodes: usize, stall: f64) -> usize {
-        let Some((fixed, per_row)) = self.estimate() else {
-            return MIN_PREFILL_CHUNK;
+    /// Prefill tokens a step with `decodes` decoding sequences may add: the most that keep
+    /// it within `stall` times the decode-only step, or within `floor` seconds if that
+    /// allows more (a few decoding streams must not throttle a burst of new prompts to a
+    /// trickle: a gap of `floor` goes unnoticed); at least [`MIN_PREFILL_CHUNK`] (also
+    /// before anything was measured), at most `limit`.
+    pub fn prefill_allowance(&self, decodes: usize, stall: f64, floor: f64, limit: usize) -> usize {
+        let Some(decode_only) = self.predict(decodes.max(1)) else {
+            return MIN_PREFILL_CHUNK.min(limit);
         };
-        let rows = (stall - 1.0).max(0.0) * (fixed / per_row + decodes as f64);
-        ((rows + 1e-6).floor() as usize).max(MIN_PREFILL_CHUNK)
+        let target = (stall * decode_only).max(floor);
+        let fits = |p: usize| self.predict(decodes + p).is_some_and(|t| t <= target);
+        // The cost grows with rows: the largest fitting p by bisection.
+        let (mut lo, mut hi) = (0usize, limit);
+        if fits(hi) {
+            return limit;
+        }
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        lo.max(MIN_PREFILL_CHUNK).min(limit)
     }
 }
 
@@ -338,18 +380,43 @@ mod tests {
     }
 
     #[test]
-    fn the_cost_model_fits_a_line_and_sizes_chunks() {
+    fn the_cost_model_learns_step_times_and_sizes_chunks() {
         let mut m = CostModel::default();
-        assert_eq!(m.prefill_allowance(16, 2.0), MIN_PREFILL_CHUNK);
-        for i in 0..50 {
-            let rows = 16 + (i % 5) * 8;
+        assert_eq!(m.prefill_allowance(16, 2.0, 0.0, 512), MIN_PREFILL_CHUNK);
+        // Decode-only steps alone: beyond them it extrapolates in proportion (cautious).
+        for _ in 0..20 {
+            m.observe(16, 0.015 + 0.003 * 16.0);
+        }
+        let p = m.prefill_allowance(16, 2.0, 0.0, 512);
+        assert!((15..=16).contains(&p), "{p}");
+        // Steps of every size: the fixed cost shows, and chunks grow to what fits.
+        for i in 0..200 {
+            let rows = [16, 24, 40, 70, 130, 260, 512][i % 7];
             m.observe(rows, 0.015 + 0.003 * rows as f64);
         }
-        let (fixed, per_row) = m.estimate().unwrap();
-        assert!((fixed - 0.015).abs() < 1e-3, "{fixed}");
-        assert!((per_row - 0.003).abs() < 1e-4, "{per_row}");
-        // (2 − 1)·(0.015/0.003 + 16) = 21 rows (20 when the fit is a hair off).
-        assert!((20..=21).contains(&m.prefill_allowance(16, 2.0)));
-        assert!((41..=42).contains(&m.prefill_allowance(16, 3.0)));
+        let t = m.predict(100).unwrap();
+        assert!((t - 0.315).abs() < 0.01, "{t}");
+        // (2 − 1)·(0.015/0.003 + 16) = 21 rows.
+        let p = m.prefill_allowance(16, 2.0, 0.0, 512);
+        assert!((20..=21).contains(&p), "{p}");
+        // With 2 decoding the ratio allows 7; a 60 ms floor allows (0.045/0.003) − 2 = 13.
+        let p = m.prefill_allowance(2, 2.0, 0.060, 512);
+        assert!((12..=13).contains(&p), "{p}");
+        assert_eq!(m.prefill_allowance(2, 100.0, 0.0, 512), 512);
+    }
+
+    #[test]
+    fn the_cost_model_follows_a_slower_machine() {
+        let mut m = CostModel::default();
+        for i in 0..100 {
+            let rows = [16, 40][i % 2];
+            m.observe(rows, 0.01 * rows as f64);
+        }
+        let fast = m.predict(40).unwrap();
+        for i in 0..40 {
+            let rows = [16, 40][i % 2];
+            m.observe(rows, 0.03 * rows as f64);
+        }
+        assert!(m.predict(40).unwrap() > 2.5 * fast);
     }
 }

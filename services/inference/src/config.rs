@@ -55,6 +55,9 @@ pub struct RuntimeConfig {
     /// While requests decode, a step that also prefills may take this many times a
     /// decode-only step (the engine sizes prefill chunks from its measured step cost).
     pub prefill_stall: f64,
+    /// …or, if that allows more prefill, this long (a gap nobody notices): a few decoding
+    /// streams do not throttle a burst of new prompts to a trickle.
+    pub prefill_floor: Duration,
     /// An engine step may go this long without a heartbeat before it is declared hung.
     pub engine_heartbeat: Duration,
     /// Attempts of a failing journal append before the request fails.
@@ -79,6 +82,7 @@ impl RuntimeConfig {
             max_batch_tokens: 512,
             max_batch_seqs: 256,
             prefill_stall: 2.0,
+            prefill_floor: Duration::from_millis(60),
             engine_heartbeat: Duration::from_secs(10),
             journal_attempts: 4,
             load_progress: None,

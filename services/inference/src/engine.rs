@@ -672,8 +672,9 @@ impl EngineThread {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .step_passed();
-                self.cost
-                    .observe(rows, forward_started.elapsed().as_secs_f64());
+                let forward = forward_started.elapsed().as_secs_f64();
+                self.cost.observe(rows, forward);
+                self.services.metrics.forward_time.observe(forward);
                 logits
             }
             Err(err) => {
@@ -733,9 +734,12 @@ impl EngineThread {
             })
             .collect();
         let decodes = running.iter().filter(|c| c.len - c.computed == 1).count();
-        let allowance = self
-            .cost
-            .prefill_allowance(decodes, self.budget.prefill_stall);
+        let allowance = self.cost.prefill_allowance(
+            decodes,
+            self.budget.prefill_stall,
+            self.services.config.prefill_floor.as_secs_f64(),
+            self.budget.max_tokens,
+        );
         batcher::plan(&running, stats.free, bt, self.budget, allowance, isolation)
     }
 

@@ -17,6 +17,8 @@ pub struct EngineMetrics {
     pub inter_token_latency: Histogram,
     /// Wall time of one engine step (schedule, forward, sample, journal, deliver).
     pub step_time: Histogram,
+    /// The forward alone within a step (the rest of `step_time` is the engine's own work).
+    pub forward_time: Histogram,
     /// Sequences in one step's batch.
     pub batch_sequences: Histogram,
     /// Token rows in one step's batch (decodes plus prefill chunks).
@@ -41,6 +43,7 @@ impl Default for EngineMetrics {
             time_to_first_token: Histogram::new(exponential_buckets(0.005, 2.0, 15)),
             inter_token_latency: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
             step_time: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            forward_time: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             batch_sequences: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             batch_tokens: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             queue_wait: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
@@ -76,6 +79,12 @@ impl EngineMetrics {
             "llmos_engine_step",
             "Wall time of one engine step",
             &self.step_time,
+        );
+        seconds(
+            registry,
+            "llmos_engine_forward",
+            "The batched forward within an engine step",
+            &self.forward_time,
         );
         seconds(
             registry,

@@ -431,7 +431,8 @@ impl KvStore for PagedKv {
         Ok(())
     }
 
-    /// Lends the rows in place while holding the pool's lock.
+    /// Lends the rows in place while holding the pool's lock for reading (other
+    /// sequences may read at the same time).
     fn view(
         &self,
         layer: usize,
@@ -446,7 +447,7 @@ impl KvStore for PagedKv {
                 seq.written[layer]
             )));
         }
-        let pool = self.pool.lock();
+        let pool = self.pool.read();
         let view = KvView::new(
             seq.shape.row_len(),
             seq.block_tokens,

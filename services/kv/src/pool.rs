@@ -9,7 +9,7 @@ use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use memmap2::MmapMut;
 
@@ -884,26 +884,33 @@ fn meta_range(b: BlockId) -> Range<usize> {
     at..at + META_BYTES
 }
 
-/// A pool shared by its sequences and by whoever reads its statistics. One engine thread
-/// writes at a time; the lock is held for one scatter, gather or record update.
+/// A pool shared by its sequences and by whoever reads its statistics. Writers (a
+/// scatter, an allocation, a record update) hold the lock exclusively and briefly;
+/// readers (attention reading K/V in place) share it, so several sequences of one step
+/// attend at once.
 #[derive(Clone, Debug)]
-pub struct SharedPool(Arc<Mutex<BlockPool>>);
+pub struct SharedPool(Arc<RwLock<BlockPool>>);
 
 impl SharedPool {
     /// Shares `pool`.
     pub fn new(pool: BlockPool) -> Self {
-        Self(Arc::new(Mutex::new(pool)))
+        Self(Arc::new(RwLock::new(pool)))
     }
 
-    /// The pool itself, locked. A panic while it was locked does not make it unusable:
-    /// every update leaves the free list consistent before it can fail, and the records
-    /// guard the contents.
-    pub fn lock(&self) -> MutexGuard<'_, BlockPool> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The pool itself, locked for writing. A panic while it was locked does not make it
+    /// unusable: every update leaves the free list consistent before it can fail, and the
+    /// records guard the contents.
+    pub fn lock(&self) -> RwLockWriteGuard<'_, BlockPool> {
+        self.0.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The pool, shared with other readers.
+    pub fn read(&self) -> RwLockReadGuard<'_, BlockPool> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Occupancy (takes the lock briefly).
     pub fn stats(&self) -> PoolStats {
-        self.lock().stats()
+        self.read().stats()
     }
 }

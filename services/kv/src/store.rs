@@ -26,7 +26,8 @@ impl KvShape {
     }
 }
 
-/// Where one sequence's keys and values live. The forward calls, for each layer,
+/// Where one sequence's keys and values live (shared across the threads of a step, hence
+/// `Send + Sync`). The forward calls, for each layer,
 /// [`KvStore::write_rows`] for the new positions and then [`KvStore::view`] to attend over
 /// everything up to them.
 ///
@@ -38,7 +39,7 @@ impl KvShape {
 /// a write at `start` below `len()` un-commits the positions from `start` until the next
 /// `commit`. The tensor forms [`KvStore::write`] and [`KvStore::read`] are conveniences on
 /// top of these.
-pub trait KvStore {
+pub trait KvStore: Send + Sync {
     /// The cache's shape.
     fn shape(&self) -> KvShape;
     /// Positions complete in every layer.
@@ -148,6 +149,27 @@ impl<'a> KvView<'a> {
     pub fn value(&self, pos: usize) -> &[f32] {
         let at = (pos % self.run) * self.row;
         &self.values[pos / self.run][at..at + self.row]
+    }
+
+    /// The runs in position order: the key rows and the value rows of each (whole rows,
+    /// `len()` of them in all).
+    pub fn runs(&self) -> impl Iterator<Item = (&[f32], &[f32])> + '_ {
+        let row = self.row;
+        let len = self.len;
+        let run = self.run;
+        self.keys
+            .iter()
+            .zip(&self.values)
+            .enumerate()
+            .map(move |(i, (k, v))| {
+                let rows = run.min(len.saturating_sub(i * run));
+                (&k[..rows * row], &v[..rows * row])
+            })
+    }
+
+    /// Floats per row (`n_kv_heads × head_dim`).
+    pub fn row_len(&self) -> usize {
+        self.row
     }
 }
 

@@ -126,51 +126,124 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
+/// Multiply-adds below which one attention call runs on the calling thread: spreading a
+/// decode row's dozen heads over the pool costs more than it saves.
+const PARALLEL_ATTENTION_WORK: usize = 1 << 18;
+
+/// Query rows attended together: each key and value row is read once for the whole tile.
+const ATTENTION_TILE: usize = 8;
+
 /// Causal attention of `n` new rows at positions `start..start + n` over the keys and
 /// values of positions `0..start + n` in `kv` (already holding the new rows). `q` is
 /// `n × (n_heads·head_dim)`, pre-scaled by `1/√head_dim`; the result goes to `out`, same
-/// shape. The row at position `p` attends over positions `0..=p` in order: scores by
-/// [`dot`], their maximum, `exp(score − max)` summed in position order, values weighted
-/// and summed in position order, then divided by the sum — so it is the same whatever
-/// chunk the row arrived in.
+/// shape.
+///
+/// For each row (at position `p`) and head, in this order: the scores of positions
+/// `0..=p` by [`dot`], their maximum, `exp(score − max)` summed in position order, the
+/// values weighted and summed in position order, then divided by the sum — so a row's
+/// result is the same whatever chunk it arrived in, whatever else shares its tile, and
+/// whatever the run (block) layout of `kv`. Rows are taken in tiles, and each key and
+/// value row is read once per tile, every head at a time (one pass over the cache).
 pub fn attention(q: &[f32], kv: &KvView<'_>, start: usize, shape: AttentionShape, out: &mut [f32]) {
+    let width = shape.n_heads * shape.head_dim;
+    let rows = out.len() / width.max(1);
+    let tile = |(index, o): (usize, &mut [f32])| {
+        let first = index * ATTENTION_TILE;
+        let count = o.len() / width;
+        attend_tile(
+            &q[first * width..(first + count) * width],
+            kv,
+            start + first,
+            shape,
+            o,
+        );
+    };
+    let work = rows * width * (start + rows);
+    if work < PARALLEL_ATTENTION_WORK || rows < 2 {
+        out.chunks_mut(ATTENTION_TILE * width)
+            .enumerate()
+            .for_each(tile);
+    } else {
+        out.par_chunks_mut(ATTENTION_TILE * width)
+            .enumerate()
+            .for_each(tile);
+    }
+}
+
+/// [`attention`] of the rows of one tile, the first at position `first`.
+fn attend_tile(q: &[f32], kv: &KvView<'_>, first: usize, shape: AttentionShape, out: &mut [f32]) {
     let AttentionShape {
         n_heads,
         n_kv_heads,
         head_dim: hd,
     } = shape;
-    let group = n_heads / n_kv_heads.max(1);
+    let group = (n_heads / n_kv_heads.max(1)).max(1);
     let width = n_heads * hd;
-    // One work item per (row, head): independent, each in its own fixed order.
-    out.par_chunks_mut(hd).enumerate().for_each(|(item, o)| {
-        let (t, h) = (item / n_heads, item % n_heads);
-        let pos = start + t;
-        let kvh = h / group.max(1);
-        let qh = &q[t * width + h * hd..t * width + (h + 1) * hd];
-        let span = kvh * hd..(kvh + 1) * hd;
-        let mut scores = Vec::with_capacity(pos + 1);
-        let mut max = f32::NEG_INFINITY;
-        for j in 0..=pos {
-            let s = dot(qh, &kv.key(j)[span.clone()]);
-            max = max.max(s);
-            scores.push(s);
+    let rows = out.len() / width;
+    let len = first + rows;
+    let row_len = kv.row_len();
+    // scores[(t·heads + h)·len + j]: row t, head h, position j (j ≤ first + t).
+    let mut scores = vec![0f32; rows * n_heads * len];
+    let mut max = vec![f32::NEG_INFINITY; rows * n_heads];
+    let mut j = 0;
+    'keys: for (keys, _) in kv.runs() {
+        for key in keys.chunks_exact(row_len) {
+            if j >= len {
+                break 'keys;
+            }
+            for t in j.saturating_sub(first)..rows {
+                for h in 0..n_heads {
+                    let at = (h / group) * hd;
+                    let qh = &q[t * width + h * hd..t * width + (h + 1) * hd];
+                    let s = dot(qh, &key[at..at + hd]);
+                    let th = t * n_heads + h;
+                    scores[th * len + j] = s;
+                    max[th] = max[th].max(s);
+                }
+            }
+            j += 1;
         }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+    }
+    let mut sums = vec![0f32; rows * n_heads];
+    for t in 0..rows {
+        for h in 0..n_heads {
+            let th = t * n_heads + h;
+            let mut sum = 0f32;
+            for s in &mut scores[th * len..th * len + first + t + 1] {
+                *s = (*s - max[th]).exp();
+                sum += *s;
+            }
+            sums[th] = sum;
         }
-        o.fill(0.0);
-        for (j, &weight) in scores.iter().enumerate() {
-            let v = &kv.value(j)[span.clone()];
-            for (acc, x) in o.iter_mut().zip(v) {
-                *acc += weight * x;
+    }
+    out.fill(0.0);
+    let mut j = 0;
+    'values: for (_, values) in kv.runs() {
+        for value in values.chunks_exact(row_len) {
+            if j >= len {
+                break 'values;
+            }
+            for t in j.saturating_sub(first)..rows {
+                for h in 0..n_heads {
+                    let at = (h / group) * hd;
+                    let weight = scores[(t * n_heads + h) * len + j];
+                    let o = &mut out[t * width + h * hd..t * width + (h + 1) * hd];
+                    for (acc, x) in o.iter_mut().zip(&value[at..at + hd]) {
+                        *acc += weight * x;
+                    }
+                }
+            }
+            j += 1;
+        }
+    }
+    for t in 0..rows {
+        for h in 0..n_heads {
+            let sum = sums[t * n_heads + h];
+            for acc in &mut out[t * width + h * hd..t * width + (h + 1) * hd] {
+                *acc /= sum;
             }
         }
-        for acc in o.iter_mut() {
-            *acc /= sum;
-        }
-    });
+    }
 }
 
 #[cfg(test)]

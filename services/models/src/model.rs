@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 use llmos_kv::{KvShape, KvStore};
+use rayon::prelude::*;
 
 use crate::chat::ChatTemplate;
 use crate::config::{ModelConfig, RopeLayout};
@@ -513,21 +514,32 @@ impl Model {
         let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
         let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
         let total: usize = plans.iter().map(|p| p.n).sum();
-        let mut out = vec![0f32; total * qd];
+        // New rows first (each store takes its pool's lock for writing in turn)…
         for (s, p) in batch.iter_mut().zip(plans) {
-            let rows = p.offset..p.offset + p.n;
-            s.kv.write_rows(
-                layer,
-                p.start,
-                &k[rows.start * kvd..rows.end * kvd],
-                &v[rows.start * kvd..rows.end * kvd],
-            )?;
-            let q = &q[rows.start * qd..rows.end * qd];
-            let o = &mut out[rows.start * qd..rows.end * qd];
-            s.kv.view(layer, p.start + p.n, &mut |view| {
-                crate::kernels::attention(q, view, p.start, shape, o)
-            })?;
+            let rows = p.offset * kvd..(p.offset + p.n) * kvd;
+            s.kv.write_rows(layer, p.start, &k[rows.clone()], &v[rows])?;
         }
+        // …then every sequence attends at once, reading its K/V in place.
+        let mut out = vec![0f32; total * qd];
+        let mut parts: Vec<&mut [f32]> = Vec::with_capacity(plans.len());
+        let mut rest = out.as_mut_slice();
+        for p in plans {
+            let (part, tail) = rest.split_at_mut(p.n * qd);
+            parts.push(part);
+            rest = tail;
+        }
+        let q = &q;
+        batch
+            .par_iter()
+            .zip(plans.par_iter())
+            .zip(parts.into_par_iter())
+            .map(|((s, p), o)| {
+                let q = &q[p.offset * qd..(p.offset + p.n) * qd];
+                s.kv.view(layer, p.start + p.n, &mut |view| {
+                    crate::kernels::attention(q, view, p.start, shape, o)
+                })
+            })
+            .collect::<std::result::Result<Vec<()>, llmos_kv::KvError>>()?;
         Ok(Tensor::from_vec(out, (total, qd), &self.device)?)
     }
 
@@ -544,6 +556,6 @@ impl Model {
                 (g.silu()? * u)?
             }
         };
-        Ok(layer.down.forward(&act)?)
+        layer.down.forward(&act)
     }
 }

@@ -69,8 +69,8 @@ fn check_schedule(
         ))
         .unwrap(),
     );
-    let mut stores: Vec<Box<dyn KvStore + Send>> = (0..seqs.len())
-        .map(|i| -> Box<dyn KvStore + Send> {
+    let mut stores: Vec<Box<dyn KvStore>> = (0..seqs.len())
+        .map(|i| -> Box<dyn KvStore> {
             if paged {
                 Box::new(pool.sequence(i as u64).unwrap())
             } else {
@@ -102,7 +102,7 @@ fn check_schedule(
             })
             .collect();
         let wanted: Vec<bool> = chunks.iter().map(|_| rng.gen_bool(0.8)).collect();
-        let mut taken: Vec<(usize, Box<dyn KvStore + Send>)> = chunks
+        let mut taken: Vec<(usize, Box<dyn KvStore>)> = chunks
             .iter()
             .map(|&(i, _)| {
                 (
