@@ -39,7 +39,7 @@ use crate::quarantine::Isolation;
 use crate::sampler::{sample, SamplerRng, SamplingParams};
 use crate::services::{DeviceRuntime, LoadedModel, RequestState, RequestStatus, Services};
 use crate::sink::{FinishReason, RequestSink};
-use crate::task::{TaskMsg, TASK_STEP_POINT};
+use crate::task::{task_step_point_for, TaskMsg, TASK_STEP_POINT};
 use crate::text::TextStream;
 
 /// Fault point inside an engine's forward step (`panic` crashes the engine).
@@ -822,9 +822,9 @@ impl EngineThread {
             };
             let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 let token = sample(&logits, &s.params, &s.tokens, &mut s.rng)?;
-                fault_point!(TASK_STEP_POINT, |_| Err(InferenceError::Internal(
-                    "injected task.step fault".into()
-                )));
+                let injected = || Err(InferenceError::Internal("injected task.step fault".into()));
+                fault_point!(TASK_STEP_POINT, |_| injected());
+                fault_point!(&task_step_point_for(*id), |_| injected());
                 Ok::<u32, InferenceError>(token)
             }));
             let token = match outcome {

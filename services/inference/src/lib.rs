@@ -39,5 +39,5 @@ pub use services::{
     Services,
 };
 pub use sink::{Delivered, FinishReason, StreamEvent};
-pub use task::{MAX_STALLED_STARTS, REQUESTS_PATH, TASK_STEP_POINT};
+pub use task::{task_step_point_for, MAX_STALLED_STARTS, REQUESTS_PATH, TASK_STEP_POINT};
 pub use text::TextStream;

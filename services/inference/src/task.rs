@@ -26,6 +26,11 @@ use crate::text::TextStream;
 /// (before it is journaled): `panic` (or `return`) crashes that request's task only.
 pub const TASK_STEP_POINT: &str = "task.step";
 
+/// The `task.step` point of one request (`task.step:req-N`): faults for that request only.
+pub fn task_step_point_for(request: u64) -> String {
+    format!("{TASK_STEP_POINT}:req-{request}")
+}
+
 /// A request whose task starts this many times in a row without a new token in between
 /// fails instead of starting again: one poisonous request must not exhaust the restart
 /// intensity that all requests share, while a request that progresses between crashes is
@@ -130,6 +135,7 @@ impl Actor for TaskActor {
         _args: (),
     ) -> Result<TaskState, ActorProcessingErr> {
         llmos_kernel::faults::declare(TASK_STEP_POINT, "a request's task crashes after sampling");
+        llmos_kernel::faults::declare("task.step:req-N", "request N's task crashes after sampling");
         // The generation is taken before the journal is read: see the engine's fencing.
         let generation = self.services.next_task_generation(self.request);
         let journaled = self.read_journal()?;

@@ -130,15 +130,37 @@ async fn chaos(seed: u64, reference: &[Output]) {
     let dir = tempfile::tempdir().unwrap();
     let runtime = Runtime::boot(chaos_config(dir.path())).await.unwrap();
     let mut events = runtime.kernel().subscribe();
-    // Rates: task.step is evaluated once per sampled token (16 × 48 in all), engine
-    // points once per step of each engine (about 50 each), device.lost once per step.
-    let specs = [
-        ("task.step", schedule(&mut rng, "panic", 110, 2..12)),
-        ("engine.step", schedule(&mut rng, "panic", 4, 6..20)),
-        ("engine.hang", schedule(&mut rng, "return", 2, 10..40)),
-        ("device.lost:cpu:0", schedule(&mut rng, "return", 1, 5..25)),
-        ("device.lost:cpu:1", schedule(&mut rng, "return", 1, 20..60)),
-    ];
+    // Every request's own task crashes 3 to 5 times (`task.step:req-N` is evaluated once
+    // per token it samples, 48 in all); the engine points are evaluated once per step of
+    // each engine (about 50 each) and hit whatever is in the batch; device.lost once per
+    // step of that device. Request ids start at 1 in a fresh state directory.
+    let mut specs: Vec<(String, String)> = (1..=CHAOS_STREAMS as u64)
+        .map(|id| {
+            let crashes = rng.gen_range(3..=5);
+            (
+                format!("task.step:req-{id}"),
+                schedule(&mut rng, "panic", crashes, 1..10),
+            )
+        })
+        .collect();
+    specs.extend([
+        (
+            "engine.step".to_string(),
+            schedule(&mut rng, "panic", 4, 6..20),
+        ),
+        (
+            "engine.hang".to_string(),
+            schedule(&mut rng, "return", 2, 10..40),
+        ),
+        (
+            "device.lost:cpu:0".to_string(),
+            schedule(&mut rng, "return", 1, 5..25),
+        ),
+        (
+            "device.lost:cpu:1".to_string(),
+            schedule(&mut rng, "return", 1, 20..60),
+        ),
+    ]);
     for (point, spec) in &specs {
         llmos_kernel::faults::configure(point, spec).unwrap();
     }
@@ -164,10 +186,11 @@ async fn chaos(seed: u64, reference: &[Output]) {
             }
         }
     }
+    assert_eq!(ids, (1..=CHAOS_STREAMS as u64).collect::<Vec<_>>());
     for id in &ids {
         assert!(
-            task_crashes.get(id).copied().unwrap_or(0) >= 2,
-            "{context}: request {id} was crashed fewer than twice: {task_crashes:?}"
+            task_crashes.get(id).copied().unwrap_or(0) >= 3,
+            "{context}: request {id}'s task crashed fewer than 3 times: {task_crashes:?}"
         );
     }
     assert!(
@@ -278,16 +301,16 @@ async fn a_poison_request_fails_alone() {
 }
 
 /// A step slower than the heartbeat deadline is not a hang while each layer beats: every
-/// layer sleeps 60 ms under a 150 ms deadline (steps of 300 ms and more).
+/// layer sleeps 100 ms under a 300 ms deadline (steps of 500 ms and more).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_step_is_not_a_hang() {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = config(dir.path(), &[DeviceId::cpu(0)]);
-    config.engine_heartbeat = Duration::from_millis(150);
+    config.engine_heartbeat = Duration::from_millis(300);
     let runtime = Runtime::boot(config).await.unwrap();
     let mut events = runtime.kernel().subscribe();
-    llmos_kernel::faults::configure("engine.layer", "sleep(60)").unwrap();
+    llmos_kernel::faults::configure("engine.layer", "sleep(100)").unwrap();
     let out = collect(
         runtime
             .submit("Once upon a time", params(0.0, 4))
