@@ -19,6 +19,10 @@ const LANES: usize = 8;
 /// Output columns per parallel work item of [`matmul_t`].
 const COLUMNS_PER_TASK: usize = 16;
 
+/// Multiply-adds below which [`matmul_t`] runs on the calling thread (a tiny model's
+/// projections cost less than handing them to the pool).
+const PARALLEL_MATMUL_WORK: usize = 1 << 16;
+
 /// Rows computed together against one weight row in [`matmul_t`] (the weight row is read
 /// once for all of them; each row's arithmetic is still exactly [`dot`]'s).
 const ROW_TILE: usize = 4;
@@ -87,25 +91,33 @@ pub fn matmul_t(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
     let row = |r: usize| &x[r * k..(r + 1) * k];
     // Column-major while computing (each task owns whole columns), row-major at the end.
     let mut by_column = vec![0f32; n * rows];
-    by_column
-        .par_chunks_mut(COLUMNS_PER_TASK * rows)
-        .enumerate()
-        .for_each(|(task, out)| {
-            let first = task * COLUMNS_PER_TASK;
-            for (j, column) in out.chunks_exact_mut(rows).enumerate() {
-                let c = first + j;
-                let wc = &w[c * k..(c + 1) * k];
-                let mut r = 0;
-                while r + ROW_TILE <= rows {
-                    let tile = dot_tile([row(r), row(r + 1), row(r + 2), row(r + 3)], wc);
-                    column[r..r + ROW_TILE].copy_from_slice(&tile);
-                    r += ROW_TILE;
-                }
-                for (rr, value) in column.iter_mut().enumerate().skip(r) {
-                    *value = dot(row(rr), wc);
-                }
+    let columns = |(task, out): (usize, &mut [f32])| {
+        let first = task * COLUMNS_PER_TASK;
+        for (j, column) in out.chunks_exact_mut(rows).enumerate() {
+            let c = first + j;
+            let wc = &w[c * k..(c + 1) * k];
+            let mut r = 0;
+            while r + ROW_TILE <= rows {
+                let tile = dot_tile([row(r), row(r + 1), row(r + 2), row(r + 3)], wc);
+                column[r..r + ROW_TILE].copy_from_slice(&tile);
+                r += ROW_TILE;
             }
-        });
+            for (rr, value) in column.iter_mut().enumerate().skip(r) {
+                *value = dot(row(rr), wc);
+            }
+        }
+    };
+    if rows * n * k < PARALLEL_MATMUL_WORK {
+        by_column
+            .chunks_mut(COLUMNS_PER_TASK * rows)
+            .enumerate()
+            .for_each(columns);
+    } else {
+        by_column
+            .par_chunks_mut(COLUMNS_PER_TASK * rows)
+            .enumerate()
+            .for_each(columns);
+    }
     let mut out = vec![0f32; rows * n];
     for (c, column) in by_column.chunks_exact(rows).enumerate() {
         for (r, value) in column.iter().enumerate() {
