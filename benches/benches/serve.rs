@@ -137,7 +137,8 @@ fn start_llmos(model: &Path) -> Res<Server> {
         .arg(model)
         .args(["--addr", &format!("127.0.0.1:{port}"), "--state-dir"])
         .arg(state.path().join("state"))
-        .args(["--kv-budget-mb", "2048"])
+        // K/V as f16, as llama.cpp stores it by default: the same memory traffic.
+        .args(["--kv-budget-mb", "2048", "--kv-dtype", "f16"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(log)
@@ -424,7 +425,7 @@ fn bench() -> Res<()> {
     };
     let servers: Vec<&Server> = llama.iter().chain(std::iter::once(&llmos)).collect();
     println!(
-        "serve bench: {} ({} MB), {max_tokens} greedy tokens per stream, prompts of ~{PROMPT_TOKENS} tokens, 2 threads each",
+        "serve bench: {} ({} MB), {max_tokens} greedy tokens per stream, prompts of ~{PROMPT_TOKENS} tokens, 2 threads each, K/V f16 in both",
         model.display(),
         std::fs::metadata(&model).map_or(0, |m| m.len() >> 20)
     );

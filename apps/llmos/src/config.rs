@@ -14,6 +14,7 @@
 //! max_batch_tokens = 512               # token rows per engine step
 //! prefill_stall = 2.0                  # a step with prefill takes ≤ 2× a decode step
 //! kv_budget_mb = 256                   # KV memory per device
+//! kv_dtype = "f16"                     # K/V stored as f32 (default) or f16
 //! flush = "every-token"                # or "interval:5", "off"
 //! log_format = "json"                  # or "text"
 //! log_filter = "info,llmos::apps=debug" # RUST_LOG wins when set
@@ -94,6 +95,8 @@ pub struct FileConfig {
     pub prefill_stall: Option<f64>,
     /// KV memory per device, MiB.
     pub kv_budget_mb: Option<usize>,
+    /// K/V element type: `f32` or `f16`.
+    pub kv_dtype: Option<String>,
     /// Journal flush policy: `every-token`, `interval:MS`, `off`.
     pub flush: Option<String>,
     /// Log format.

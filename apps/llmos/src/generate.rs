@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use llmos_device::parse_device_list;
-use llmos_inference::{RequestStream, Runtime, RuntimeConfig, SamplingParams, StreamEvent};
+use llmos_inference::{
+    KvDtype, RequestStream, Runtime, RuntimeConfig, SamplingParams, StreamEvent,
+};
 use llmos_journal::FlushPolicy;
 use serde::{Deserialize, Serialize};
 
@@ -86,6 +88,10 @@ pub struct RunArgs {
     /// KV-cache memory per device, MiB (the pool file in the state directory).
     #[arg(long, default_value_t = 256)]
     kv_budget_mb: usize,
+    /// How the KV cache stores keys and values: `f32` (exact) or `f16` (half the memory
+    /// and bandwidth, as llama.cpp does by default).
+    #[arg(long, default_value = "f32")]
+    kv_dtype: KvDtype,
     /// When journal records reach the OS: `every-token` (survives SIGKILL; the default),
     /// `interval:MS`, or `off` (only at the end).
     #[arg(long, default_value = "every-token", value_parser = parse_flush)]
@@ -124,6 +130,8 @@ struct RunRecord {
     devices: String,
     #[serde(default = "default_kv_budget_mb")]
     kv_budget_mb: usize,
+    #[serde(default)]
+    kv_dtype: String,
 }
 
 fn default_kv_budget_mb() -> usize {
@@ -157,12 +165,14 @@ pub async fn run(args: RunArgs) -> Result<(), GenerateError> {
     };
     let mut config = config(&args.model, &args.devices, &state_dir, args.kv_budget_mb)?;
     config.flush = args.flush;
+    config.kv_dtype = args.kv_dtype;
     write_record(
         &state_dir,
         &RunRecord {
             model: absolute(&args.model),
             devices: args.devices.clone(),
             kv_budget_mb: args.kv_budget_mb,
+            kv_dtype: format!("{:?}", args.kv_dtype).to_lowercase(),
         },
     )?;
     let runtime = Runtime::boot(config).await?;
@@ -185,13 +195,18 @@ pub async fn resume(args: ResumeArgs) -> Result<(), GenerateError> {
     })?;
     let model = args.model.unwrap_or(record.model);
     let devices = args.devices.unwrap_or(record.devices);
-    let runtime = Runtime::boot(config(
-        &model,
-        &devices,
-        &args.state_dir,
-        record.kv_budget_mb,
-    )?)
-    .await?;
+    let mut config = config(&model, &devices, &args.state_dir, record.kv_budget_mb)?;
+    // Records of older builds have no type: their pools were f32.
+    if !record.kv_dtype.is_empty() {
+        config.kv_dtype = record
+            .kv_dtype
+            .parse()
+            .map_err(|reason| GenerateError::State {
+                path: record_path.clone(),
+                reason,
+            })?;
+    }
+    let runtime = Runtime::boot(config).await?;
     let mut outcome = Ok(());
     match runtime.resume_unfinished().await {
         Ok(streams) => {

@@ -21,7 +21,7 @@ use clap::Args;
 use llmos_app::AppHost;
 use llmos_device::parse_device_list;
 use llmos_gateway::{GatewayConfig, Metrics};
-use llmos_inference::{Runtime, RuntimeConfig};
+use llmos_inference::{KvDtype, Runtime, RuntimeConfig};
 use llmos_journal::FlushPolicy;
 use llmos_kernel::{KernelEvent, TreeExit};
 use llmos_models::synth::{self, Preset};
@@ -75,6 +75,10 @@ pub struct ServeArgs {
     /// KV-cache memory per device, MiB [default: 256].
     #[arg(long)]
     kv_budget_mb: Option<usize>,
+    /// How the KV cache stores keys and values [default: f32]: `f32` (exact) or `f16`
+    /// (half the memory and bandwidth, as llama.cpp does by default).
+    #[arg(long)]
+    kv_dtype: Option<KvDtype>,
     /// When journal records reach the OS [default: every-token]: `every-token`,
     /// `interval:MS` or `off`.
     #[arg(long, value_parser = parse_flush)]
@@ -143,6 +147,11 @@ pub async fn run(args: ServeArgs, file: FileConfig) -> anyhow::Result<()> {
         .unwrap_or(256)
         .saturating_mul(1 << 20);
     config.flush = flush;
+    config.kv_dtype = match (args.kv_dtype, &file.kv_dtype) {
+        (Some(dtype), _) => dtype,
+        (None, Some(text)) => text.parse().map_err(anyhow::Error::msg)?,
+        (None, None) => KvDtype::F32,
+    };
     config.load_progress = Some(crate::progress::model_load_progress());
     tracing::info!(model = %model.display(), %devices, "loading the model");
     // A second server on the same state directory would fight over the journal and the

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use llmos_device::DeviceId;
 use llmos_journal::FlushPolicy;
+use llmos_kv::KvDtype;
 use llmos_models::LoadProgress;
 
 /// Called while the model loads: once before the first tensor, then after each tensor
@@ -37,6 +38,9 @@ pub struct RuntimeConfig {
     pub state_dir: PathBuf,
     /// KV memory per device, bytes.
     pub kv_budget_bytes: usize,
+    /// How the KV pools store keys and values (f32 by default; f16 halves memory and the
+    /// bandwidth attention reads).
+    pub kv_dtype: KvDtype,
     /// Positions per KV block.
     pub block_tokens: usize,
     /// When journal records reach the OS.
@@ -74,6 +78,7 @@ impl RuntimeConfig {
             devices: vec![DeviceId::cpu(0)],
             state_dir: state_dir.into(),
             kv_budget_bytes: 256 << 20,
+            kv_dtype: KvDtype::F32,
             block_tokens: 16,
             flush: FlushPolicy::EveryRecord,
             max_active: 256,

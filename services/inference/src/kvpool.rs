@@ -38,7 +38,8 @@ impl DevicePool {
             config.kv_budget_bytes as u64,
             Backing::File(config.state_dir.join(file)),
         )
-        .with_model_tag(hasher.finish());
+        .with_model_tag(hasher.finish())
+        .with_dtype(config.kv_dtype);
         let pool = BlockPool::new(pool_config)?;
         Ok(Self {
             pool: SharedPool::new(pool),

@@ -26,6 +26,8 @@ pub use engine::{
     ENGINE_LAYER_POINT, ENGINE_STEP_POINT,
 };
 pub use error::InferenceError;
+/// The KV element type of [`RuntimeConfig::kv_dtype`].
+pub use llmos_kv::KvDtype;
 /// Chat messages and templates of the loaded model (see [`LoadedModel::chat_prompt`]);
 /// load progress for [`RuntimeConfig::load_progress`].
 pub use llmos_models::{ChatMessage, ChatTemplate, LoadProgress};

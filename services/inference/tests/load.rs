@@ -330,3 +330,33 @@ async fn a_slow_step_is_not_a_hang() {
     );
     runtime.shutdown("test").await;
 }
+
+/// K/V stored as f16: concurrent streams crashed mid-way (engine restarted: KV restored
+/// from the f16 pool; a task crashed: KV kept) produce exactly their fault-free text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f16_kv_resumes_exactly() {
+    let _serial = SERIAL.lock().await;
+    let f16 = |dir: &std::path::Path| {
+        let mut c = config(dir, &[DeviceId::cpu(0)]);
+        c.kv_dtype = llmos_inference::KvDtype::F16;
+        c
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let reference = alone(f16(dir.path()), 6, 48).await;
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Runtime::boot(f16(dir.path())).await.unwrap();
+    let mut events = runtime.kernel().subscribe();
+    llmos_kernel::faults::configure("engine.step", "20*off->1*panic->off").unwrap();
+    llmos_kernel::faults::configure("task.step:req-2", "10*off->1*panic->off").unwrap();
+    let (got, _) = together(&runtime, 6, 48, Duration::from_secs(60)).await;
+    llmos_kernel::faults::clear("engine.step");
+    llmos_kernel::faults::clear("task.step:req-2");
+    assert_same("f16 KV", &got, &reference);
+    let seen: Vec<KernelEvent> = std::iter::from_fn(|| events.try_next()).collect();
+    assert!(seen.iter().any(
+        |e| matches!(e, KernelEvent::Failed { path, .. } if path.as_str().ends_with("/engine"))
+    ));
+    let (_, restored, _) = runtime.services().devices[0].kv_stats.snapshot();
+    assert!(restored > 0, "KV came back from the f16 pool");
+    runtime.shutdown("test").await;
+}

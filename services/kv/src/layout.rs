@@ -3,14 +3,14 @@
 //! that let a reopened pool tell which blocks still hold what they claim.
 //!
 //! ```text
-//! offset 0                superblock (SUPER_BYTES): magic, version, geometry, model tag, crc32
+//! offset 0                superblock (SUPER_BYTES): magic, version, geometry, model tag, K/V type, crc32
 //! offset SUPER_BYTES      n_blocks × META_BYTES block records, padded to PAGE
 //! offset data_off         n_blocks × bytes_per_block of K/V data
 //! ```
 //!
 //! Inside a block the data is layer-major — `[layer][K|V][position][n_kv_heads·head_dim]`
-//! f32 little-endian — so one layer's keys in one block are a single contiguous run and a
-//! gather copies one run per block.
+//! f32 or f16 (the pool's [`KvDtype`]), little-endian — so one layer's keys in one block
+//! are a single contiguous run, read in place.
 //!
 //! A block record (all little-endian):
 //!
@@ -31,7 +31,7 @@
 //! position's bytes only. The token hash is chained from the sequence's first token, so a
 //! block whose hash matches the caller's tokens also vouches for every token before it.
 
-use crate::store::KvShape;
+use crate::store::{KvDtype, KvShape};
 
 /// Bytes reserved for the superblock (one page, so the records start page-aligned).
 pub(crate) const SUPER_BYTES: usize = 4096;
@@ -39,11 +39,12 @@ pub(crate) const SUPER_BYTES: usize = 4096;
 pub(crate) const META_BYTES: usize = 64;
 const PAGE: usize = 4096;
 const MAGIC: [u8; 8] = *b"LLMOSKV\x01";
-const VERSION: u32 = 1;
+/// 2: the K/V element type joined the superblock (version 1 pools were all f32).
+const VERSION: u32 = 2;
 /// Bytes of the superblock that carry fields (the rest of its page stays zero):
 /// magic, version, META_BYTES, n_layers, n_kv_heads, head_dim, block_tokens, n_blocks,
-/// model tag (u64 each after the first three), crc32 of everything before it.
-pub(crate) const SUPER_USED: usize = 68;
+/// model tag, K/V type (u64 each after the first three), crc32 of everything before it.
+pub(crate) const SUPER_USED: usize = 76;
 /// The record state of a sealed block: a random-looking value rather than 1 so that zeroed
 /// or stray bytes are unlikely to claim it (the record crc is the real guard).
 const SEALED: u32 = 0x5EA1_ED01;
@@ -59,17 +60,18 @@ pub(crate) struct Geometry {
     pub block_tokens: usize,
     pub n_blocks: usize,
     pub model_tag: u64,
+    pub dtype: KvDtype,
 }
 
 impl Geometry {
     /// Bytes of K/V data in one block, or `None` on overflow.
-    pub fn bytes_per_block(shape: KvShape, block_tokens: usize) -> Option<usize> {
+    pub fn bytes_per_block(shape: KvShape, block_tokens: usize, dtype: KvDtype) -> Option<usize> {
         shape
             .n_layers
             .checked_mul(2)?
             .checked_mul(block_tokens)?
             .checked_mul(shape.n_kv_heads.checked_mul(shape.head_dim)?)?
-            .checked_mul(4)
+            .checked_mul(dtype.bytes())
     }
 
     /// Offset of the first block's data, or `None` on overflow.
@@ -80,9 +82,11 @@ impl Geometry {
 
     /// Bytes the whole pool occupies, or `None` on overflow.
     pub fn total_len(&self) -> Option<usize> {
-        let data = self
-            .n_blocks
-            .checked_mul(Self::bytes_per_block(self.shape, self.block_tokens)?)?;
+        let data = self.n_blocks.checked_mul(Self::bytes_per_block(
+            self.shape,
+            self.block_tokens,
+            self.dtype,
+        )?)?;
         self.data_off()?.checked_add(data)
     }
 
@@ -99,12 +103,13 @@ impl Geometry {
             self.block_tokens as u64,
             self.n_blocks as u64,
             self.model_tag,
+            self.dtype.code(),
         ];
         for (i, w) in words.into_iter().enumerate() {
             b[16 + 8 * i..24 + 8 * i].copy_from_slice(&w.to_le_bytes());
         }
-        let crc = crc32fast::hash(&b[..64]);
-        b[64..68].copy_from_slice(&crc.to_le_bytes());
+        let crc = crc32fast::hash(&b[..72]);
+        b[72..76].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
@@ -120,14 +125,14 @@ impl Geometry {
         if b[0..8] != MAGIC {
             return Err("not a KV pool file (bad magic)".into());
         }
-        if u32_at(b, 64) != crc32fast::hash(&b[..64]) {
-            return Err("superblock checksum mismatch".into());
-        }
         let version = u32_at(b, 8);
         if version != VERSION {
             return Err(format!(
                 "format version {version}, this build reads {VERSION}"
             ));
+        }
+        if u32_at(b, 72) != crc32fast::hash(&b[..72]) {
+            return Err("superblock checksum mismatch".into());
         }
         let meta = u32_at(b, 12);
         if meta as usize != META_BYTES {
@@ -152,6 +157,8 @@ impl Geometry {
             block_tokens: size(3, "block_tokens")?,
             n_blocks: size(4, "n_blocks")?,
             model_tag: word(5),
+            dtype: KvDtype::from_code(word(6))
+                .ok_or_else(|| format!("unknown K/V type {}", word(6)))?,
         };
         if geometry.block_tokens > u32::MAX as usize || geometry.n_blocks > u32::MAX as usize {
             return Err("block count or block size beyond u32".into());
@@ -240,15 +247,16 @@ pub(crate) fn chain(prev: u64, token: u32) -> u64 {
 }
 
 /// Offset inside a block of `layer`'s keys (`kind` 0) or values (`kind` 1) at position
-/// `pos`, in bytes.
+/// `pos`, in bytes, for elements of `elem` bytes.
 pub(crate) fn run_offset(
     row: usize,
     block_tokens: usize,
     layer: usize,
     kind: usize,
     pos: usize,
+    elem: usize,
 ) -> usize {
-    ((layer * 2 + kind) * block_tokens + pos) * row * 4
+    ((layer * 2 + kind) * block_tokens + pos) * row * elem
 }
 
 /// Extends `crc` (the checksum of positions `0..from` of `block`, 0 for none) over
@@ -260,13 +268,14 @@ pub(crate) fn crc_positions(
     block_tokens: usize,
     from: usize,
     to: usize,
+    elem: usize,
 ) -> u32 {
-    let row_bytes = shape.row_len() * 4;
+    let row_bytes = shape.row_len() * elem;
     let mut h = crc32fast::Hasher::new_with_initial(crc);
     for pos in from..to {
         for layer in 0..shape.n_layers {
             for kind in 0..2 {
-                let at = run_offset(shape.row_len(), block_tokens, layer, kind, pos);
+                let at = run_offset(shape.row_len(), block_tokens, layer, kind, pos, elem);
                 h.update(&block[at..at + row_bytes]);
             }
         }
@@ -288,6 +297,7 @@ mod tests {
             block_tokens: 5,
             n_blocks: 7,
             model_tag: 0xDEAD_BEEF_0123_4567,
+            dtype: KvDtype::F16,
         }
     }
 
@@ -323,12 +333,12 @@ mod tests {
     #[test]
     fn position_checksum_extends_incrementally() {
         let g = geometry();
-        let len = Geometry::bytes_per_block(g.shape, g.block_tokens).unwrap();
+        let len = Geometry::bytes_per_block(g.shape, g.block_tokens, g.dtype).unwrap();
         let block: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
-        let whole = crc_positions(0, &block, g.shape, 5, 0, 5);
+        let whole = crc_positions(0, &block, g.shape, 5, 0, 5, g.dtype.bytes());
         let mut step = 0;
         for pos in 0..5 {
-            step = crc_positions(step, &block, g.shape, 5, pos, pos + 1);
+            step = crc_positions(step, &block, g.shape, 5, pos, pos + 1, g.dtype.bytes());
         }
         assert_eq!(step, whole);
     }

@@ -14,4 +14,4 @@ mod tests;
 pub use error::KvError;
 pub use paged::{PagedKv, Restored};
 pub use pool::{Backing, BlockId, BlockPool, PoolConfig, PoolOrigin, PoolStats, SharedPool};
-pub use store::{ContiguousKv, KvShape, KvStore, KvView};
+pub use store::{ContiguousKv, KvDtype, KvRows, KvShape, KvStore, KvView};

@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use crate::error::KvError;
 use crate::layout::{self, BlockMeta};
 use crate::pool::{BlockId, BlockPool, SharedPool};
-use crate::store::{check_rows, KvShape, KvStore, KvView};
+use crate::store::{check_rows, KvDtype, KvRows, KvShape, KvStore, KvView};
 
 /// One sequence's K/V in a shared [`BlockPool`]: a handle on the pool plus the sequence's
 /// block table. Dropping it gives the blocks back; blocks already sealed stay restorable
@@ -43,6 +43,7 @@ pub struct Restored {
 /// locked pool as a separate borrow.
 struct SeqState {
     shape: KvShape,
+    dtype: KvDtype,
     block_tokens: usize,
     seq_id: u64,
     table: Vec<BlockId>,
@@ -223,6 +224,7 @@ impl SeqState {
         let g = pool.geometry();
         Self {
             shape: g.shape,
+            dtype: g.dtype,
             block_tokens: g.block_tokens,
             seq_id,
             table: Vec::new(),
@@ -253,6 +255,7 @@ impl SeqState {
                 bt,
                 pos - first,
                 end - first,
+                self.dtype.bytes(),
             );
             pool.write_meta(
                 block,
@@ -299,7 +302,7 @@ impl SeqState {
     }
 }
 
-/// Copies rows for positions `start..` into the blocks of `table`.
+/// Copies rows for positions `start..` into the blocks of `table`, in the pool's type.
 fn scatter(
     pool: &mut BlockPool,
     seq: &SeqState,
@@ -310,44 +313,54 @@ fn scatter(
 ) {
     let row = seq.shape.row_len();
     let bt = seq.block_tokens;
+    let elem = seq.dtype.bytes();
     let count = rows.len() / row;
     let mut done = 0;
     while done < count {
         let pos = start + done;
         let off = pos % bt;
         let run = (bt - off).min(count - done);
-        let at = layout::run_offset(row, bt, layer, kind, off);
-        let dst = &mut pool.block_data_mut(seq.table[pos / bt])[at..at + run * row * 4];
-        put_f32s(dst, &rows[done * row..(done + run) * row]);
+        let at = layout::run_offset(row, bt, layer, kind, off, elem);
+        let dst = &mut pool.block_data_mut(seq.table[pos / bt])[at..at + run * row * elem];
+        let src = &rows[done * row..(done + run) * row];
+        match seq.dtype {
+            KvDtype::F32 => put_f32s(dst, src),
+            KvDtype::F16 => put_f16s(dst, src),
+        }
         done += run;
     }
 }
 
 /// Positions `0..len` of one layer's keys (`kind` 0) or values (`kind` 1), one run per
-/// block: borrowed in place where the mapped bytes can be read as f32 (aligned, on a
-/// little-endian target), else converted.
+/// block: borrowed in place where the mapped bytes can be read as their type (aligned, on
+/// a little-endian target), else converted.
 fn runs<'p>(
     pool: &'p BlockPool,
     seq: &SeqState,
     layer: usize,
     kind: usize,
     len: usize,
-) -> Vec<Cow<'p, [f32]>> {
+) -> Vec<KvRows<'p>> {
     let row = seq.shape.row_len();
     let bt = seq.block_tokens;
+    let elem = seq.dtype.bytes();
     let mut out = Vec::with_capacity(len.div_ceil(bt));
     for (i, &block) in seq.table.iter().enumerate().take(len.div_ceil(bt)) {
         let run = bt.min(len - i * bt);
-        let at = layout::run_offset(row, bt, layer, kind, 0);
-        out.push(f32s(&pool.block_data(block)[at..at + run * row * 4]));
+        let at = layout::run_offset(row, bt, layer, kind, 0, elem);
+        let bytes = &pool.block_data(block)[at..at + run * row * elem];
+        out.push(match seq.dtype {
+            KvDtype::F32 => KvRows::F32(f32s(bytes)),
+            KvDtype::F16 => KvRows::F16(f16s(bytes)),
+        });
     }
     out
 }
 
-/// The pool stores f32 little-endian in bytes (a file has no endianness of its own). On a
-/// little-endian target with aligned bytes (the map is page-aligned and rows are whole
-/// f32s, so always in practice) the rows are viewed in place through `bytemuck`'s checked
-/// cast; anything else is converted.
+/// The pool stores f32 or f16 little-endian in bytes (a file has no endianness of its
+/// own). On a little-endian target with aligned bytes (the map is page-aligned and rows
+/// are whole elements, so always in practice) the rows are viewed in place through
+/// `bytemuck`'s checked cast; anything else is converted.
 fn put_f32s(dst: &mut [u8], src: &[f32]) {
     if cfg!(target_endian = "little") {
         if let Ok(rows) = bytemuck::try_cast_slice_mut::<u8, f32>(dst) {
@@ -357,6 +370,20 @@ fn put_f32s(dst: &mut [u8], src: &[f32]) {
     }
     for (d, s) in dst.chunks_exact_mut(4).zip(src) {
         d.copy_from_slice(&s.to_le_bytes());
+    }
+}
+
+/// `src` rounded to f16 into `dst` (see [`put_f32s`]).
+fn put_f16s(dst: &mut [u8], src: &[f32]) {
+    use half::slice::HalfFloatSliceExt;
+    if cfg!(target_endian = "little") {
+        if let Ok(rows) = bytemuck::try_cast_slice_mut::<u8, half::f16>(dst) {
+            rows.convert_from_f32_slice(src);
+            return;
+        }
+    }
+    for (d, s) in dst.chunks_exact_mut(2).zip(src) {
+        d.copy_from_slice(&half::f16::from_f32(*s).to_le_bytes());
     }
 }
 
@@ -370,6 +397,20 @@ fn f32s(src: &[u8]) -> Cow<'_, [f32]> {
     Cow::Owned(
         src.chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
+}
+
+/// Rows of f16 from the pool's bytes (see [`put_f32s`]).
+fn f16s(src: &[u8]) -> Cow<'_, [half::f16]> {
+    if cfg!(target_endian = "little") {
+        if let Ok(rows) = bytemuck::try_cast_slice::<u8, half::f16>(src) {
+            return Cow::Borrowed(rows);
+        }
+    }
+    Cow::Owned(
+        src.chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
             .collect(),
     )
 }

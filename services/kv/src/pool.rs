@@ -15,7 +15,7 @@ use memmap2::MmapMut;
 
 use crate::error::KvError;
 use crate::layout::{self, BlockMeta, Geometry, META_BYTES, SUPER_BYTES, SUPER_USED};
-use crate::store::KvShape;
+use crate::store::{KvDtype, KvShape};
 
 /// One block of the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -61,6 +61,9 @@ pub struct PoolConfig {
     /// K/V are a function of the tokens *and* the weights, so a pool file written under
     /// another tag is not reused. 0 when there is one model.
     pub model_tag: u64,
+    /// How K/V elements are stored: f32, or f16 (half the memory and bandwidth; the
+    /// forward reads them back as f32).
+    pub dtype: KvDtype,
 }
 
 impl PoolConfig {
@@ -72,7 +75,14 @@ impl PoolConfig {
             budget_bytes,
             backing,
             model_tag: 0,
+            dtype: KvDtype::F32,
         }
+    }
+
+    /// The same configuration with K/V stored as `dtype`.
+    pub fn with_dtype(mut self, dtype: KvDtype) -> Self {
+        self.dtype = dtype;
+        self
     }
 
     /// The same configuration for K/V computed by the weights identified by `tag`.
@@ -82,7 +92,7 @@ impl PoolConfig {
     }
 
     /// Bytes of K/V data in one block: `n_layers × 2 × block_tokens × n_kv_heads × head_dim
-    /// × 4`.
+    /// × (4 or 2)`.
     pub fn bytes_per_block(&self) -> Result<usize, KvError> {
         let s = self.shape;
         if s.n_layers == 0 || s.n_kv_heads == 0 || s.head_dim == 0 || self.block_tokens == 0 {
@@ -97,7 +107,7 @@ impl PoolConfig {
                 self.block_tokens
             )));
         }
-        Geometry::bytes_per_block(s, self.block_tokens)
+        Geometry::bytes_per_block(s, self.block_tokens, self.dtype)
             .ok_or_else(|| KvError::Config(format!("block size of {s:?} overflows")))
     }
 
@@ -118,6 +128,7 @@ impl PoolConfig {
             block_tokens: self.block_tokens,
             n_blocks,
             model_tag: self.model_tag,
+            dtype: self.dtype,
         };
         geometry.total_len().ok_or_else(|| {
             KvError::Config(format!("{n_blocks} blocks overflow the address space"))
@@ -317,15 +328,17 @@ impl BlockPool {
                 }
                 Ok(pool) => {
                     let reason = format!(
-                        "file holds {} blocks of {:?} × {} positions for model {:#x}, \
-                         configured {} blocks of {:?} × {} for model {:#x}",
+                        "file holds {} blocks of {:?} × {} positions of {:?} for model {:#x}, \
+                         configured {} blocks of {:?} × {} of {:?} for model {:#x}",
                         pool.geometry.n_blocks,
                         pool.geometry.shape,
                         pool.geometry.block_tokens,
+                        pool.geometry.dtype,
                         pool.geometry.model_tag,
                         geometry.n_blocks,
                         geometry.shape,
                         geometry.block_tokens,
+                        geometry.dtype,
                         geometry.model_tag
                     );
                     drop(pool);
@@ -439,7 +452,8 @@ impl BlockPool {
     ) -> Result<Self, KvError> {
         let too_big = || KvError::Config("pool size overflows".into());
         let bytes_per_block =
-            Geometry::bytes_per_block(geometry.shape, geometry.block_tokens).ok_or_else(too_big)?;
+            Geometry::bytes_per_block(geometry.shape, geometry.block_tokens, geometry.dtype)
+                .ok_or_else(too_big)?;
         let data_off = geometry.data_off().ok_or_else(too_big)?;
         if Some(map.len()) != geometry.total_len() {
             return Err(KvError::Config(format!(
@@ -712,6 +726,7 @@ impl BlockPool {
                 bt,
                 0,
                 filled,
+                self.geometry.dtype.bytes(),
             );
             if crc != meta.data_crc {
                 break;

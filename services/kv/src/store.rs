@@ -87,8 +87,8 @@ pub trait KvStore: Send + Sync {
         let (mut keys, mut values) = (Vec::with_capacity(len * row), Vec::with_capacity(len * row));
         self.view(layer, len, &mut |view| {
             for pos in 0..view.len() {
-                keys.extend_from_slice(view.key(pos));
-                values.extend_from_slice(view.value(pos));
+                keys.extend_from_slice(&view.key(pos));
+                values.extend_from_slice(&view.value(pos));
             }
         })?;
         let dims = (len, shape.n_kv_heads, shape.head_dim);
@@ -99,6 +99,117 @@ pub trait KvStore: Send + Sync {
     }
 }
 
+/// How a store keeps K/V elements.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvDtype {
+    /// 4 bytes an element: exactly what the forward computed.
+    #[default]
+    F32,
+    /// 2 bytes an element (IEEE half, rounded to nearest even): half the memory and the
+    /// bandwidth attention reads; the forward reads the values back as f32.
+    F16,
+}
+
+impl KvDtype {
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+
+    pub(crate) fn code(self) -> u64 {
+        match self {
+            KvDtype::F32 => 0,
+            KvDtype::F16 => 1,
+        }
+    }
+
+    pub(crate) fn from_code(code: u64) -> Option<Self> {
+        match code {
+            0 => Some(KvDtype::F32),
+            1 => Some(KvDtype::F16),
+            _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvDtype::F32),
+            "f16" => Ok(KvDtype::F16),
+            other => Err(format!("unknown K/V type `{other}` (f32 or f16)")),
+        }
+    }
+}
+
+/// One run of K or V rows, as stored.
+#[derive(Debug)]
+pub enum KvRows<'a> {
+    /// f32 rows.
+    F32(Cow<'a, [f32]>),
+    /// f16 rows.
+    F16(Cow<'a, [half::f16]>),
+}
+
+impl KvRows<'_> {
+    /// Elements in the run.
+    pub fn len(&self) -> usize {
+        match self {
+            KvRows::F32(r) => r.len(),
+            KvRows::F16(r) => r.len(),
+        }
+    }
+
+    /// Whether the run is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `f` with each row of `row_len` elements as f32, in order, until it returns
+    /// `false`. f16 rows are widened into one scratch row (exact: every f16 is an f32).
+    pub fn for_each_row(&self, row_len: usize, f: &mut dyn FnMut(&[f32]) -> bool) {
+        match self {
+            KvRows::F32(rows) => {
+                for row in rows.chunks_exact(row_len) {
+                    if !f(row) {
+                        return;
+                    }
+                }
+            }
+            KvRows::F16(rows) => {
+                use half::slice::HalfFloatSliceExt;
+                let mut wide = vec![0f32; row_len];
+                for row in rows.chunks_exact(row_len) {
+                    row.convert_to_f32_slice(&mut wide);
+                    if !f(&wide) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Row `i` (of `row_len` elements) as f32.
+    pub fn row(&self, i: usize, row_len: usize) -> Cow<'_, [f32]> {
+        let at = i * row_len..(i + 1) * row_len;
+        match self {
+            KvRows::F32(rows) => Cow::Borrowed(&rows[at]),
+            KvRows::F16(rows) => Cow::Owned(rows[at].iter().map(|x| x.to_f32()).collect()),
+        }
+    }
+}
+
+impl<'a> From<Cow<'a, [f32]>> for KvRows<'a> {
+    fn from(rows: Cow<'a, [f32]>) -> Self {
+        KvRows::F32(rows)
+    }
+}
+
 /// Positions `0..len` of one layer's keys and values, lent in place: runs of consecutive
 /// positions (one per block of a paged store), each a slice of rows.
 #[derive(Debug)]
@@ -106,19 +217,19 @@ pub struct KvView<'a> {
     row: usize,
     run: usize,
     len: usize,
-    keys: Vec<Cow<'a, [f32]>>,
-    values: Vec<Cow<'a, [f32]>>,
+    keys: Vec<KvRows<'a>>,
+    values: Vec<KvRows<'a>>,
 }
 
 impl<'a> KvView<'a> {
     /// A view of `len` positions stored in runs of `run` positions (the last may be
-    /// shorter); `keys[i]` and `values[i]` hold run `i`'s rows of `row` f32 each.
+    /// shorter); `keys[i]` and `values[i]` hold run `i`'s rows of `row` elements each.
     pub fn new(
         row: usize,
         run: usize,
         len: usize,
-        keys: Vec<Cow<'a, [f32]>>,
-        values: Vec<Cow<'a, [f32]>>,
+        keys: Vec<KvRows<'a>>,
+        values: Vec<KvRows<'a>>,
     ) -> Self {
         Self {
             row,
@@ -139,32 +250,20 @@ impl<'a> KvView<'a> {
         self.len == 0
     }
 
-    /// The key row (`n_kv_heads × head_dim`) of position `pos`.
-    pub fn key(&self, pos: usize) -> &[f32] {
-        let at = (pos % self.run) * self.row;
-        &self.keys[pos / self.run][at..at + self.row]
+    /// The key row (`n_kv_heads × head_dim`) of position `pos`, as f32.
+    pub fn key(&self, pos: usize) -> Cow<'_, [f32]> {
+        self.keys[pos / self.run].row(pos % self.run, self.row)
     }
 
-    /// The value row of position `pos`.
-    pub fn value(&self, pos: usize) -> &[f32] {
-        let at = (pos % self.run) * self.row;
-        &self.values[pos / self.run][at..at + self.row]
+    /// The value row of position `pos`, as f32.
+    pub fn value(&self, pos: usize) -> Cow<'_, [f32]> {
+        self.values[pos / self.run].row(pos % self.run, self.row)
     }
 
-    /// The runs in position order: the key rows and the value rows of each (whole rows,
-    /// `len()` of them in all).
-    pub fn runs(&self) -> impl Iterator<Item = (&[f32], &[f32])> + '_ {
-        let row = self.row;
-        let len = self.len;
-        let run = self.run;
-        self.keys
-            .iter()
-            .zip(&self.values)
-            .enumerate()
-            .map(move |(i, (k, v))| {
-                let rows = run.min(len.saturating_sub(i * run));
-                (&k[..rows * row], &v[..rows * row])
-            })
+    /// The runs in position order: the key rows and the value rows of each (whole rows;
+    /// a run may hold rows past `len()`, which callers stop before).
+    pub fn runs(&self) -> impl Iterator<Item = (&KvRows<'a>, &KvRows<'a>)> + '_ {
+        self.keys.iter().zip(&self.values)
     }
 
     /// Floats per row (`n_kv_heads × head_dim`).
@@ -290,8 +389,8 @@ impl KvStore for ContiguousKv {
             row,
             len,
             len,
-            vec![Cow::Borrowed(&keys[..len * row])],
-            vec![Cow::Borrowed(&values[..len * row])],
+            vec![KvRows::F32(Cow::Borrowed(&keys[..len * row]))],
+            vec![KvRows::F32(Cow::Borrowed(&values[..len * row]))],
         ));
         Ok(())
     }

@@ -9,8 +9,8 @@ use proptest::prelude::*;
 
 use crate::layout::{Geometry, META_BYTES, SUPER_BYTES};
 use crate::{
-    Backing, BlockId, BlockPool, ContiguousKv, KvError, KvShape, KvStore, PagedKv, PoolConfig,
-    PoolOrigin, SharedPool,
+    Backing, BlockId, BlockPool, ContiguousKv, KvDtype, KvError, KvShape, KvStore, PagedKv,
+    PoolConfig, PoolOrigin, SharedPool,
 };
 
 fn shape(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> KvShape {
@@ -22,7 +22,7 @@ fn shape(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> KvShape {
 }
 
 fn config(shape: KvShape, bt: usize, blocks: usize, backing: Backing) -> PoolConfig {
-    let per = Geometry::bytes_per_block(shape, bt).unwrap() as u64;
+    let per = Geometry::bytes_per_block(shape, bt, KvDtype::F32).unwrap() as u64;
     // A little slack: the budget need not be a multiple of the block size.
     PoolConfig::new(shape, bt, per * blocks as u64 + per / 2, backing)
 }
@@ -128,7 +128,7 @@ fn geometry_of(pool: &SharedPool) -> Geometry {
 
 fn data_at(g: &Geometry, block: BlockId, byte: usize) -> usize {
     g.data_off().unwrap()
-        + block.index() * Geometry::bytes_per_block(g.shape, g.block_tokens).unwrap()
+        + block.index() * Geometry::bytes_per_block(g.shape, g.block_tokens, g.dtype).unwrap()
         + byte
 }
 
@@ -141,7 +141,7 @@ fn record_at(block: BlockId, byte: usize) -> usize {
 #[test]
 fn configuration_errors_are_clear() {
     let s = shape(2, 2, 4);
-    let per = Geometry::bytes_per_block(s, 16).unwrap() as u64;
+    let per = Geometry::bytes_per_block(s, 16, KvDtype::F32).unwrap() as u64;
     let small = BlockPool::new(PoolConfig::new(s, 16, per - 1, Backing::Memory));
     assert!(matches!(small, Err(KvError::Config(ref m)) if m.contains("holds no block")));
     let zero = BlockPool::new(PoolConfig::new(
@@ -645,7 +645,11 @@ fn damaged_kv_ends_the_prefix_at_its_block() {
     let (path, blocks, g) = crashed_pool(dir.path(), 14);
     assert_eq!(restore_from(&path, &tokens(14)), (14, 0));
     // Layer 1's values at position 1 of the third block (position 9).
-    let at = data_at(&g, blocks[2], crate::layout::run_offset(3, 4, 1, 1, 1) + 4);
+    let at = data_at(
+        &g,
+        blocks[2],
+        crate::layout::run_offset(3, 4, 1, 1, 1, 4) + 4,
+    );
     poke(&path, at, |b| *b ^= 0x01);
     assert_eq!(restore_from(&path, &tokens(14)), (8, 2));
 }
@@ -840,4 +844,65 @@ fn views_move_between_threads_and_stats_are_read_from_others() {
     assert!(watcher.join().unwrap());
     assert_holds(&kv, 40);
     assert_eq!(pool.stats().used, 10);
+}
+
+/// An f16 pool stores half the bytes, reads back the values rounded to f16 (exactly, when
+/// they are representable), seals and restores them from a reopened file like an f32
+/// pool, and a file of the other type starts over.
+#[test]
+fn an_f16_pool_halves_the_bytes_and_restores_like_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kv16.pool");
+    let s = shape(2, 2, 4);
+    let f32_block = Geometry::bytes_per_block(s, 4, KvDtype::F32).unwrap();
+    let f16_block = Geometry::bytes_per_block(s, 4, KvDtype::F16).unwrap();
+    assert_eq!(f16_block * 2, f32_block);
+    let cfg = config(s, 4, 16, Backing::File(path.clone())).with_dtype(KvDtype::F16);
+    let pool = SharedPool::new(BlockPool::new(cfg.clone()).unwrap());
+    assert_eq!(pool.stats().bytes_per_block, f16_block);
+    // Quarter steps below 64 are exact in f16; 1/3 is not.
+    let exact = |pos: usize, j: usize| ((pos * 7 + j) % 256) as f32 * 0.25;
+    let row = s.row_len();
+    let mut kv = pool.sequence(1).unwrap();
+    kv.reserve(10).unwrap();
+    kv.record_tokens(0, &tokens(10)).unwrap();
+    for layer in 0..s.n_layers {
+        let k: Vec<f32> = (0..10)
+            .flat_map(|p| (0..row).map(move |j| exact(p, j)))
+            .collect();
+        let v: Vec<f32> = k.iter().map(|x| x + 1.0 / 3.0).collect();
+        kv.write_rows(layer, 0, &k, &v).unwrap();
+    }
+    kv.commit(10).unwrap();
+    let check = |kv: &PagedKv, len: usize| {
+        for layer in 0..s.n_layers {
+            kv.view(layer, len, &mut |view| {
+                for p in 0..len {
+                    let key = view.key(p);
+                    let value = view.value(p);
+                    for j in 0..row {
+                        assert_eq!(key[j], exact(p, j), "key {layer}/{p}/{j}");
+                        let rounded = half::f16::from_f32(exact(p, j) + 1.0 / 3.0).to_f32();
+                        assert_eq!(value[j], rounded, "value {layer}/{p}/{j}");
+                    }
+                }
+            })
+            .unwrap();
+        }
+    };
+    check(&kv, 10);
+    drop((kv, pool));
+    let pool = SharedPool::new(BlockPool::new(cfg).unwrap());
+    assert_eq!(pool.lock().origin(), &PoolOrigin::Reopened);
+    let restored = pool.restore(1, &tokens(10)).unwrap();
+    assert_eq!(restored.valid_len, 10);
+    check(&restored.kv, 10);
+    drop((restored, pool));
+    let as_f32 = config(s, 4, 16, Backing::File(path));
+    let pool = BlockPool::new(as_f32).unwrap();
+    assert!(
+        matches!(pool.origin(), PoolOrigin::Reset { reason } if reason.contains("F16")),
+        "{:?}",
+        pool.origin()
+    );
 }

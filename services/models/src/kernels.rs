@@ -155,7 +155,8 @@ const ATTENTION_TILE: usize = 8;
 /// values weighted and summed in position order, then divided by the sum — so a row's
 /// result is the same whatever chunk it arrived in, whatever else shares its tile, and
 /// whatever the run (block) layout of `kv`. Rows are taken in tiles, and each key and
-/// value row is read once per tile, every head at a time (one pass over the cache).
+/// value row is read once per tile, every head at a time (one pass over the cache); f16
+/// rows are widened (exactly) one row at a time.
 pub fn attention(q: &[f32], kv: &KvView<'_>, start: usize, shape: AttentionShape, out: &mut [f32]) {
     let width = shape.n_heads * shape.head_dim;
     let rows = out.len() / width.max(1);
@@ -198,10 +199,10 @@ fn attend_tile(q: &[f32], kv: &KvView<'_>, first: usize, shape: AttentionShape, 
     let mut scores = vec![0f32; rows * n_heads * len];
     let mut max = vec![f32::NEG_INFINITY; rows * n_heads];
     let mut j = 0;
-    'keys: for (keys, _) in kv.runs() {
-        for key in keys.chunks_exact(row_len) {
+    for (keys, _) in kv.runs() {
+        keys.for_each_row(row_len, &mut |key| {
             if j >= len {
-                break 'keys;
+                return false;
             }
             for t in j.saturating_sub(first)..rows {
                 for h in 0..n_heads {
@@ -214,6 +215,10 @@ fn attend_tile(q: &[f32], kv: &KvView<'_>, first: usize, shape: AttentionShape, 
                 }
             }
             j += 1;
+            true
+        });
+        if j >= len {
+            break;
         }
     }
     let mut sums = vec![0f32; rows * n_heads];
@@ -230,10 +235,10 @@ fn attend_tile(q: &[f32], kv: &KvView<'_>, first: usize, shape: AttentionShape, 
     }
     out.fill(0.0);
     let mut j = 0;
-    'values: for (_, values) in kv.runs() {
-        for value in values.chunks_exact(row_len) {
+    for (_, values) in kv.runs() {
+        values.for_each_row(row_len, &mut |value| {
             if j >= len {
-                break 'values;
+                return false;
             }
             for t in j.saturating_sub(first)..rows {
                 for h in 0..n_heads {
@@ -246,6 +251,10 @@ fn attend_tile(q: &[f32], kv: &KvView<'_>, first: usize, shape: AttentionShape, 
                 }
             }
             j += 1;
+            true
+        });
+        if j >= len {
+            break;
         }
     }
     for t in 0..rows {
@@ -261,6 +270,7 @@ fn attend_tile(q: &[f32], kv: &KvView<'_>, first: usize, shape: AttentionShape, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llmos_kv::KvRows;
     use rand::{Rng, SeedableRng};
     use std::borrow::Cow;
 
@@ -311,7 +321,9 @@ mod tests {
             let runs = |data: &[f32]| {
                 (0..upto.div_ceil(run))
                     .map(|i| {
-                        Cow::Owned(data[i * run * row..(upto.min((i + 1) * run)) * row].to_vec())
+                        KvRows::F32(Cow::Owned(
+                            data[i * run * row..(upto.min((i + 1) * run)) * row].to_vec(),
+                        ))
                     })
                     .collect::<Vec<_>>()
             };

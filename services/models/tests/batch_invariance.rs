@@ -1,7 +1,7 @@
 //! Batch invariance, bit for bit, per weight type: a sequence's logits after any position
 //! are identical whether it ran alone one token at a time, with its prompt in chunks of
 //! any size, or in a batch with any other sequences at any offsets, on contiguous or paged
-//! KV. This is the contract exact resume under concurrency rests on (a recomputed or
+//! KV — and the same with K/V stored as f16. This is the contract exact resume under concurrency rests on (a recomputed or
 //! rebatched sequence must reproduce its original logits exactly). Schedules are drawn
 //! from a seed that every failure prints.
 
@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 
 use candle_core::DType;
-use llmos_kv::{Backing, ContiguousKv, KvStore, PoolConfig, SharedPool};
+use llmos_kv::{Backing, ContiguousKv, KvDtype, KvStore, PoolConfig, SharedPool};
 use llmos_models::synth::{self, HfOptions, Preset};
 use llmos_models::{load, GgmlDType, Model, SeqStep, StepOptions};
 use rand::seq::SliceRandom;
@@ -24,9 +24,23 @@ const MAX_LEN: usize = 48;
 /// Random schedules per model.
 const SCHEDULES: u64 = 6;
 
-/// Logits of `seq` after each position, computed alone, one token per step.
-fn alone(model: &Model, tokens: &[u32]) -> Vec<Vec<u32>> {
-    let mut kv = ContiguousKv::new(model.kv_shape());
+/// A one-sequence store: contiguous f32, or a pool of `dtype`.
+fn store(model: &Model, dtype: Option<KvDtype>) -> Box<dyn KvStore> {
+    match dtype {
+        None => Box::new(ContiguousKv::new(model.kv_shape())),
+        Some(dtype) => {
+            let config =
+                PoolConfig::new(model.kv_shape(), 16, 4 << 20, Backing::Memory).with_dtype(dtype);
+            let pool = SharedPool::new(llmos_kv::BlockPool::new(config).unwrap());
+            Box::new(pool.sequence(0).unwrap())
+        }
+    }
+}
+
+/// Logits of `seq` after each position, computed alone, one token per step, on
+/// contiguous f32 KV (`dtype` `None`) or a pool of `dtype`.
+fn alone(model: &Model, tokens: &[u32], dtype: Option<KvDtype>) -> Vec<Vec<u32>> {
+    let mut kv = store(model, dtype);
     let mut out = Vec::with_capacity(tokens.len());
     for (p, t) in tokens.iter().enumerate() {
         let logits = model
@@ -34,7 +48,7 @@ fn alone(model: &Model, tokens: &[u32]) -> Vec<Vec<u32>> {
                 &mut [SeqStep {
                     tokens: std::slice::from_ref(t),
                     start_pos: p,
-                    kv: &mut kv,
+                    kv: kv.as_mut(),
                 }],
                 StepOptions::default(),
             )
@@ -50,23 +64,28 @@ fn bits(logits: &[f32]) -> Vec<u32> {
 
 /// Runs one random schedule (random subsets of the sequences per step, random chunk sizes,
 /// random order in the batch, logits asked for at random) and checks every logits row it
-/// produced against the sequence run alone.
+/// produced against the sequence run alone. With `dtype` `None`, K/V is f32 in contiguous
+/// stores or a pool (at random); with a dtype, in a pool of that type.
 fn check_schedule(
     model: &Model,
     name: &str,
     seed: u64,
     seqs: &[Vec<u32>],
     reference: &[Vec<Vec<u32>>],
+    dtype: Option<KvDtype>,
 ) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let paged = rng.gen_bool(0.5);
+    let paged = dtype.is_some() || rng.gen_bool(0.5);
     let pool = SharedPool::new(
-        llmos_kv::BlockPool::new(PoolConfig::new(
-            model.kv_shape(),
-            *[1usize, 4, 16].choose(&mut rng).unwrap(),
-            4 << 20,
-            Backing::Memory,
-        ))
+        llmos_kv::BlockPool::new(
+            PoolConfig::new(
+                model.kv_shape(),
+                *[1usize, 4, 16].choose(&mut rng).unwrap(),
+                4 << 20,
+                Backing::Memory,
+            )
+            .with_dtype(dtype.unwrap_or_default()),
+        )
         .unwrap(),
     );
     let mut stores: Vec<Box<dyn KvStore>> = (0..seqs.len())
@@ -145,7 +164,8 @@ fn check_schedule(
                     assert!(
                         bits(&logits) == reference[i][end - 1],
                         "{name}: seed {seed}: sequence {i} at position {} (chunk of {n}, \
-                         batch of {}, step {steps}, paged {paged}) differs from running alone",
+                         batch of {}, step {steps}, paged {paged}, K/V {dtype:?}) differs \
+                         from running alone",
                         end - 1,
                         chunks.len()
                     );
@@ -169,9 +189,11 @@ fn check_model(path: &Path, name: &str) {
             (0..len).map(|_| rng.gen_range(3..vocab)).collect()
         })
         .collect();
-    let reference: Vec<_> = seqs.iter().map(|s| alone(&model, s)).collect();
-    for seed in 0..SCHEDULES {
-        check_schedule(&model, name, seed, &seqs, &reference);
+    for dtype in [None, Some(KvDtype::F16)] {
+        let reference: Vec<_> = seqs.iter().map(|s| alone(&model, s, dtype)).collect();
+        for seed in 0..SCHEDULES {
+            check_schedule(&model, name, seed, &seqs, &reference, dtype);
+        }
     }
 }
 
