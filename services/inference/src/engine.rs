@@ -734,9 +734,14 @@ impl EngineThread {
             })
             .collect();
         let decodes = running.iter().filter(|c| c.len - c.computed == 1).count();
+        // Requests waiting for their first token (prefilling, or not admitted yet) count
+        // as much as decoding ones: when they outnumber them, steps may stretch in
+        // proportion (a burst of new prompts is not throttled for a few early streams).
+        let waiting = self.seqs.len() - decodes;
+        let stall = batcher::fair_stall(self.budget.prefill_stall, decodes, waiting);
         let allowance = self.cost.prefill_allowance(
             decodes,
-            self.budget.prefill_stall,
+            stall,
             self.services.config.prefill_floor.as_secs_f64(),
             self.budget.max_tokens,
         );
