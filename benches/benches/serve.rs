@@ -5,13 +5,16 @@
 //! streams (below 8 streams the median of 3 runs) — then the prefill of a ≈500-token prompt, and (llmos) inter-token gaps of 16
 //! streams while a 1,500-token prompt arrives mid-run. It prints aggregate tokens/s,
 //! time to first token and inter-token gaps per server, their ratios, errors and hang
-//! detections, next to the targets of the engine-under-load issue.
+//! detections, next to the targets of the engine-under-load issue. While one server is
+//! measured the other is stopped (SIGSTOP): idle, llama.cpp's threads poll, and would take
+//! a core from llmos (and the other way round).
 //!
 //! `cargo bench -p llmos-benches --bench serve`. The anchor is found at
 //! `$LLAMA_SERVER`, else at `~/.cache/llmos-anchors/…/build/bin/llama-server` (ANCHORS.md
 //! says how to build it); without it the bench says so and measures llmos alone. The
 //! llmos binary is built in release mode first (`$LLMOS_BIN` overrides). `BENCH_LEVELS=1,16`
-//! picks concurrency levels; `BENCH_TOKENS` the tokens per stream.
+//! picks concurrency levels; `BENCH_TOKENS` the tokens per stream; `BENCH_LLMOS_LOG` sets
+//! the server's `RUST_LOG` and keeps its log in `target/release/llmos-bench-serve.log`.
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
@@ -100,6 +103,13 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // `BENCH_LLMOS_LOG=llmos::engine=debug` and the log is kept for a look.
+        if let (Some(state), true) = (&self._state, std::env::var_os("BENCH_LLMOS_LOG").is_some()) {
+            let kept = workspace().join("target/release/llmos-bench-serve.log");
+            if std::fs::copy(state.path().join("serve.log"), &kept).is_ok() {
+                eprintln!("llmos log kept at {}", kept.display());
+            }
+        }
     }
 }
 
@@ -116,6 +126,15 @@ impl Server {
             std::thread::sleep(Duration::from_millis(200));
         }
         Err(format!("{} did not become ready", self.name))
+    }
+
+    /// Stops (`false`) or continues (`true`) the process: a server not being measured is
+    /// stopped, so that its idle threads (llama.cpp's poll) take nothing from the other.
+    fn set_running(&self, running: bool) {
+        let signal = if running { "-CONT" } else { "-STOP" };
+        let _ = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status();
     }
 
     fn get(&self, path: &str) -> Res<String> {
@@ -139,7 +158,10 @@ fn start_llmos(model: &Path) -> Res<Server> {
         .arg(state.path().join("state"))
         // K/V as f16, as llama.cpp stores it by default: the same memory traffic.
         .args(["--kv-budget-mb", "2048", "--kv-dtype", "f16"])
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_LLMOS_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -314,6 +336,18 @@ impl Load {
     }
 }
 
+/// Runs `f` with every other server stopped (see [`Server::set_running`]).
+fn alone<T>(servers: &[&Server], measured: &Server, f: impl FnOnce() -> T) -> T {
+    for s in servers.iter().filter(|s| s.addr != measured.addr) {
+        s.set_running(false);
+    }
+    let out = f();
+    for s in servers.iter().filter(|s| s.addr != measured.addr) {
+        s.set_running(true);
+    }
+    out
+}
+
 fn run_load(server: &Server, prompts: &[String], max_tokens: usize) -> Load {
     let barrier = Arc::new(Barrier::new(prompts.len() + 1));
     let handles: Vec<_> = prompts
@@ -432,7 +466,7 @@ fn bench() -> Res<()> {
     // Warm-up (page in the weights, first allocations), not measured.
     for (i, server) in servers.iter().enumerate() {
         let warm = prompts(&tokenizer, 1, 32, 900 + i as u64);
-        let _ = run_load(server, &warm, 8);
+        let _ = alone(&servers, server, || run_load(server, &warm, 8));
     }
 
     // Concurrency levels, the two servers interleaved per level.
@@ -462,7 +496,7 @@ fn bench() -> Res<()> {
         let mut rates = Vec::new();
         for r in 0..3u64 {
             let p = prompts(&tokenizer, 1, PREFILL_TOKENS, 500 + 10 * i as u64 + r);
-            let load = run_load(server, &p, 1);
+            let load = alone(&servers, server, || run_load(server, &p, 1));
             let s = &load.streams[0];
             if let (Some(ttft), None) = (s.ttft, &s.error) {
                 let n = s
@@ -479,7 +513,9 @@ fn bench() -> Res<()> {
 
     // 16 streams decoding while a 1,500-token prompt arrives mid-run (llmos).
     println!("\ninterference: 16 streams of {max_tokens} tokens, a {LONG_PROMPT_TOKENS}-token prompt arriving once every stream has 16 tokens (llmos):");
-    let interference = long_prompt_interference(&llmos, &tokenizer, max_tokens)?;
+    let interference = alone(&servers, &llmos, || {
+        long_prompt_interference(&llmos, &tokenizer, max_tokens)
+    })?;
 
     let hangs = hang_detections(&llmos);
     let metrics = llmos.get("/metrics").unwrap_or_default();

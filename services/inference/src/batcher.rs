@@ -8,9 +8,9 @@
 //!   while anything decodes, a step's prefill tokens are limited so the step takes at most
 //!   `prefill_stall` times a decode-only step, or a floor time that nobody notices, from
 //!   the measured cost model ([`CostModel::prefill_allowance`]), so a long prompt never
-//!   stalls running streams; when more requests wait for their first token than decode,
-//!   the bound stretches in proportion ([`fair_stall`]); with nothing decoding a step
-//!   takes up to `max_tokens`. Older sequences (lower id) prefill first.
+//!   stalls running streams; the bound stretches with the share of requests still
+//!   waiting for their first token ([`fair_stall`]); with nothing decoding a step takes up
+//!   to `max_tokens`. Older sequences (lower id) prefill first.
 //! - KV: a step's blocks are found before it runs. When decodes need more blocks than are
 //!   free, the newest running sequences are preempted (their KV dropped; sealed blocks
 //!   stay restorable) until the rest fit; they come back, oldest first, once the blocks
@@ -35,13 +35,15 @@ pub struct StepBudget {
 }
 
 /// The stall bound of a step with `decodes` decoding and `waiting` prefilling (or not yet
-/// admitted) sequences: `stall`, stretched by `waiting / decodes` when the waiting
-/// outnumber the decoding — each of them is a user waiting too, for a first token.
+/// admitted) sequences: the stall `stall − 1` a decoding stream accepts, scaled by
+/// `(decodes + waiting) / decodes` — each waiting request is a user too, waiting for a
+/// first token, so a crowd of new prompts gets steps in proportion, while one long prompt
+/// among many streams barely moves the bound.
 pub fn fair_stall(stall: f64, decodes: usize, waiting: usize) -> f64 {
-    if decodes == 0 || waiting <= decodes {
+    if decodes == 0 {
         return stall;
     }
-    1.0 + (stall - 1.0) * waiting as f64 / decodes as f64
+    1.0 + (stall - 1.0) * (decodes + waiting) as f64 / decodes as f64
 }
 
 /// The smallest prefill chunk while others decode: below it a step's fixed cost dominates.
@@ -417,10 +419,11 @@ mod tests {
     }
 
     #[test]
-    fn the_stall_bound_stretches_only_for_a_crowd_of_waiting_requests() {
-        assert_eq!(fair_stall(2.0, 16, 1), 2.0);
-        assert_eq!(fair_stall(2.0, 4, 4), 2.0);
-        assert_eq!(fair_stall(2.0, 4, 12), 4.0);
+    fn the_stall_bound_stretches_for_a_crowd_of_waiting_requests() {
+        assert_eq!(fair_stall(2.0, 16, 0), 2.0);
+        assert_eq!(fair_stall(2.0, 16, 1), 2.0625);
+        assert_eq!(fair_stall(2.0, 4, 4), 3.0);
+        assert_eq!(fair_stall(2.0, 4, 12), 5.0);
         assert_eq!(fair_stall(2.0, 0, 12), 2.0);
     }
 

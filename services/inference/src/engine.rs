@@ -735,8 +735,8 @@ impl EngineThread {
             .collect();
         let decodes = running.iter().filter(|c| c.len - c.computed == 1).count();
         // Requests waiting for their first token (prefilling, or not admitted yet) count
-        // as much as decoding ones: when they outnumber them, steps may stretch in
-        // proportion (a burst of new prompts is not throttled for a few early streams).
+        // as much as decoding ones: steps stretch with their share (a burst of new
+        // prompts is not throttled for a few early streams).
         let waiting = self.seqs.len() - decodes;
         let stall = batcher::fair_stall(self.budget.prefill_stall, decodes, waiting);
         let allowance = self.cost.prefill_allowance(
@@ -744,6 +744,15 @@ impl EngineThread {
             stall,
             self.services.config.prefill_floor.as_secs_f64(),
             self.budget.max_tokens,
+        );
+        tracing::debug!(
+            target: "llmos::engine",
+            decodes,
+            waiting,
+            stall,
+            allowance,
+            decode_only_ms = self.cost.predict(decodes.max(1)).unwrap_or(0.0) * 1e3,
+            "step budget"
         );
         batcher::plan(&running, stats.free, bt, self.budget, allowance, isolation)
     }
