@@ -877,20 +877,26 @@ impl EngineThread {
         for (id, reason) in crashed {
             if let Some(s) = self.seqs.remove(&id) {
                 tracing::warn!(target: "llmos::engine", request = id, %reason, "request crashed in its step");
-                if let Some(kv) = s.kv {
-                    self.parked.insert(
-                        id,
-                        Parked {
-                            generation: s.generation,
-                            tokens: s.tokens,
-                            kv,
-                        },
-                    );
-                }
-                let _ = s.task.send_message(TaskMsg::Crashed { reason });
+                let task = s.task.clone();
+                self.park(s);
+                let _ = task.send_message(TaskMsg::Crashed { reason });
             }
         }
         sampled
+    }
+
+    /// Keeps a sequence's KV (if it holds any) for the next instance of its task.
+    fn park(&mut self, s: Sequence) {
+        if let Some(kv) = s.kv {
+            self.parked.insert(
+                s.id,
+                Parked {
+                    generation: s.generation,
+                    tokens: s.tokens,
+                    kv,
+                },
+            );
+        }
     }
 
     /// Journals the step's tokens (and ends) in one group append, then delivers them.
@@ -933,16 +939,7 @@ impl EngineThread {
             // A newer task instance owns the request: keep the KV for its attach.
             if let Some(mut s) = self.seqs.remove(&id) {
                 s.tokens.pop();
-                if let Some(kv) = s.kv {
-                    self.parked.insert(
-                        id,
-                        Parked {
-                            generation: s.generation,
-                            tokens: s.tokens,
-                            kv,
-                        },
-                    );
-                }
+                self.park(s);
             }
         }
         match outcome {
