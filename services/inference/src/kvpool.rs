@@ -1,8 +1,7 @@
 //! Each device's KV block pool as the inference services use it: a memory-mapped file in
-//! the state directory (so sealed K/V outlive the process), tagged with the model so K/V
-//! of other weights are never restored.
+//! the state directory (so sealed K/V outlive the process), tagged with the weights'
+//! content fingerprint so K/V of other weights are never restored.
 
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use llmos_device::DeviceId;
@@ -22,23 +21,22 @@ pub struct DevicePool {
 }
 
 impl DevicePool {
-    /// Opens (or creates) `DIR/kv-<device>.pool` for `shape`, sized by the configured budget.
+    /// Opens (or creates) `DIR/kv-<device>.pool` for `shape`, sized by the configured budget,
+    /// tagged with the model's content fingerprint.
     pub(crate) fn open(
         config: &RuntimeConfig,
         shape: KvShape,
         device: DeviceId,
-        model_identity: &str,
+        model_fingerprint: u64,
     ) -> Result<Self, InferenceError> {
         let file = format!("kv-{}.pool", device.to_string().replace(':', "-"));
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        model_identity.hash(&mut hasher);
         let pool_config = PoolConfig::new(
             shape,
             config.block_tokens,
             config.kv_budget_bytes as u64,
             Backing::File(config.state_dir.join(file)),
         )
-        .with_model_tag(hasher.finish())
+        .with_model_tag(model_fingerprint)
         .with_dtype(config.kv_dtype);
         let pool = BlockPool::new(pool_config)?;
         Ok(Self {

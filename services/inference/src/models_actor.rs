@@ -36,13 +36,15 @@ pub fn load_model(config: &RuntimeConfig) -> Result<LoadedModel, InferenceError>
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| config.model.display().to_string());
-    tracing::info!(model = %name, elapsed = ?started.elapsed(), "model loaded");
+    let fingerprint = llmos_models::fingerprint(&config.model)?;
+    tracing::info!(model = %name, fingerprint = format_args!("{fingerprint:016x}"), elapsed = ?started.elapsed(), "model loaded");
     Ok(LoadedModel {
         context: loaded.model.config().max_seq_len,
         eos: loaded.tokenizer.eos_id(),
         model: loaded.model,
         tokenizer: loaded.tokenizer,
         name,
+        fingerprint,
         chat_template: loaded.chat_template,
     })
 }

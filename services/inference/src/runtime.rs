@@ -78,7 +78,7 @@ impl Runtime {
         let mut devices = Vec::new();
         for id in &config.devices {
             let device = LogicalDevice::open(*id)?;
-            let pool = DevicePool::open(&config, shape, *id, &model.name)?;
+            let pool = DevicePool::open(&config, shape, *id, model.fingerprint)?;
             devices.push(DeviceRuntime::new(device, pool));
         }
         let services = Arc::new(Services::new(config, devices));

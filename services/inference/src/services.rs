@@ -32,6 +32,9 @@ pub struct LoadedModel {
     pub eos: u32,
     /// A name for logs and the API (the file name).
     pub name: String,
+    /// The weights' identity by content ([`llmos_models::fingerprint`]): the KV pools'
+    /// model tag.
+    pub fingerprint: u64,
     /// The model's own chat template, if it has one that compiles (see
     /// [`LoadedModel::chat_prompt`]).
     pub chat_template: Option<llmos_models::ChatTemplate>,

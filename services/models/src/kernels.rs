@@ -1,270 +1,30 @@
-//! Our own CPU kernels for the two parts of the forward where candle's results depend on
-//! the batch: dense (f32) matrix products and attention. Each output element is computed
-//! by one fixed sequence of operations that depends only on its own inputs — never on how
-//! many rows share the call, where a row sits in it, how a prompt was chunked or how many
-//! threads run — so a sequence's logits are bit-identical whatever else is batched with it.
-//! That is what makes recomputed KV equal to the original, and resume exact, under load.
-//!
-//! The summation order is part of the contract: a dot product accumulates eight lanes
-//! (element `i` into lane `i % 8`) over the whole multiple of eight, reduces the lanes
-//! pairwise, then adds the remainder in order ([`dot`]). Faster kernels (SIMD) must
-//! reproduce exactly this order.
+//! The forward's dense products and attention, computed by our own kernels
+//! ([`llmos_cpu_kernels`]) where candle's results would depend on the batch: each output
+//! element is one fixed sequence of operations that depends only on its own inputs — never
+//! on how many rows share the call, where a row sits in it, how a prompt was chunked, how
+//! many threads run or which SIMD instructions the CPU has — so a sequence's logits are
+//! bit-identical whatever else is batched with it. That is what makes recomputed KV equal
+//! to the original, and resume exact, under load. This module adapts the pool's
+//! [`KvView`] to the kernels' runs of rows.
 
-use llmos_kv::KvView;
-use rayon::prelude::*;
+use llmos_cpu_kernels::Rows;
+use llmos_kv::{KvRows, KvView};
 
-/// Accumulator lanes of [`dot`].
-const LANES: usize = 8;
+pub use llmos_cpu_kernels::{dot, matmul_t, AttentionShape};
 
-/// Output columns per parallel work item of [`matmul_t`].
-const COLUMNS_PER_TASK: usize = 16;
-
-/// Multiply-adds below which [`matmul_t`] runs on the calling thread (a tiny model's
-/// projections cost less than handing them to the pool).
-const PARALLEL_MATMUL_WORK: usize = 1 << 16;
-
-/// Rows computed together against one weight row in [`matmul_t`] (the weight row is read
-/// once for all of them; each row's arithmetic is still exactly [`dot`]'s).
-const ROW_TILE: usize = 4;
-
-#[inline(always)]
-fn reduce(acc: &[f32; LANES]) -> f32 {
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+fn rows<'a>(rows: &'a KvRows<'_>) -> Rows<'a> {
+    match rows {
+        KvRows::F32(r) => Rows::F32(r),
+        KvRows::F16(r) => Rows::F16(r),
+    }
 }
-
-/// `Σ a[i]·b[i]` over the shorter length, in the fixed order described in the module docs.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; LANES];
-    for (x, y) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let whole = n - n % LANES;
-    let mut tail = 0f32;
-    for i in whole..n {
-        tail += a[i] * b[i];
-    }
-    reduce(&acc) + tail
-}
-
-/// [`dot`] of `ROW_TILE` rows against one weight row, reading the weight row once. Each
-/// result is bit-identical to `dot(rows[r], w)`.
-#[inline]
-fn dot_tile(rows: [&[f32]; ROW_TILE], w: &[f32]) -> [f32; ROW_TILE] {
-    let n = w.len();
-    let mut acc = [[0f32; LANES]; ROW_TILE];
-    for (c, wc) in w.chunks_exact(LANES).enumerate() {
-        let at = c * LANES;
-        for (r, row) in rows.iter().enumerate() {
-            let xc = &row[at..at + LANES];
-            for l in 0..LANES {
-                acc[r][l] += xc[l] * wc[l];
-            }
-        }
-    }
-    let whole = n - n % LANES;
-    let mut out = [0f32; ROW_TILE];
-    for (r, row) in rows.iter().enumerate() {
-        let mut tail = 0f32;
-        for i in whole..n {
-            tail += row[i] * w[i];
-        }
-        out[r] = reduce(&acc[r]) + tail;
-    }
-    out
-}
-
-/// `x · wᵀ`: `x` is `rows × k`, `w` is `n × k` (one output column per weight row), the
-/// result `rows × n`. Element `(r, c)` is exactly `dot(x[r], w[c])`; work is split across
-/// rayon's current pool by output columns.
-pub fn matmul_t(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
-    if rows == 0 || n == 0 {
-        return Vec::new();
-    }
-    let k = x.len() / rows;
-    debug_assert_eq!(x.len(), rows * k);
-    debug_assert_eq!(w.len(), n * k);
-    let row = |r: usize| &x[r * k..(r + 1) * k];
-    // Column-major while computing (each task owns whole columns), row-major at the end.
-    let mut by_column = vec![0f32; n * rows];
-    let columns = |(task, out): (usize, &mut [f32])| {
-        let first = task * COLUMNS_PER_TASK;
-        for (j, column) in out.chunks_exact_mut(rows).enumerate() {
-            let c = first + j;
-            let wc = &w[c * k..(c + 1) * k];
-            let mut r = 0;
-            while r + ROW_TILE <= rows {
-                let tile = dot_tile([row(r), row(r + 1), row(r + 2), row(r + 3)], wc);
-                column[r..r + ROW_TILE].copy_from_slice(&tile);
-                r += ROW_TILE;
-            }
-            for (rr, value) in column.iter_mut().enumerate().skip(r) {
-                *value = dot(row(rr), wc);
-            }
-        }
-    };
-    if rows * n * k < PARALLEL_MATMUL_WORK {
-        by_column
-            .chunks_mut(COLUMNS_PER_TASK * rows)
-            .enumerate()
-            .for_each(columns);
-    } else {
-        by_column
-            .par_chunks_mut(COLUMNS_PER_TASK * rows)
-            .enumerate()
-            .for_each(columns);
-    }
-    let mut out = vec![0f32; rows * n];
-    for (c, column) in by_column.chunks_exact(rows).enumerate() {
-        for (r, value) in column.iter().enumerate() {
-            out[r * n + c] = *value;
-        }
-    }
-    out
-}
-
-/// Shape of one attention call.
-#[derive(Clone, Copy, Debug)]
-pub struct AttentionShape {
-    /// Query heads.
-    pub n_heads: usize,
-    /// Key/value heads (query head `h` reads KV head `h / (n_heads / n_kv_heads)`).
-    pub n_kv_heads: usize,
-    /// Width of one head.
-    pub head_dim: usize,
-}
-
-/// Multiply-adds below which one attention call runs on the calling thread: spreading a
-/// decode row's dozen heads over the pool costs more than it saves.
-const PARALLEL_ATTENTION_WORK: usize = 1 << 18;
-
-/// Query rows attended together: each key and value row is read once for the whole tile.
-const ATTENTION_TILE: usize = 8;
 
 /// Causal attention of `n` new rows at positions `start..start + n` over the keys and
-/// values of positions `0..start + n` in `kv` (already holding the new rows). `q` is
-/// `n × (n_heads·head_dim)`, pre-scaled by `1/√head_dim`; the result goes to `out`, same
-/// shape.
-///
-/// For each row (at position `p`) and head, in this order: the scores of positions
-/// `0..=p` by [`dot`], their maximum, `exp(score − max)` summed in position order, the
-/// values weighted and summed in position order, then divided by the sum — so a row's
-/// result is the same whatever chunk it arrived in, whatever else shares its tile, and
-/// whatever the run (block) layout of `kv`. Rows are taken in tiles, and each key and
-/// value row is read once per tile, every head at a time (one pass over the cache); f16
-/// rows are widened (exactly) one row at a time.
+/// values of positions `0..start + n` in `kv` (already holding the new rows), read in
+/// place; see [`llmos_cpu_kernels::attention`] for the order of operations.
 pub fn attention(q: &[f32], kv: &KvView<'_>, start: usize, shape: AttentionShape, out: &mut [f32]) {
-    let width = shape.n_heads * shape.head_dim;
-    let rows = out.len() / width.max(1);
-    let tile = |(index, o): (usize, &mut [f32])| {
-        let first = index * ATTENTION_TILE;
-        let count = o.len() / width;
-        attend_tile(
-            &q[first * width..(first + count) * width],
-            kv,
-            start + first,
-            shape,
-            o,
-        );
-    };
-    let work = rows * width * (start + rows);
-    if work < PARALLEL_ATTENTION_WORK || rows < 2 {
-        out.chunks_mut(ATTENTION_TILE * width)
-            .enumerate()
-            .for_each(tile);
-    } else {
-        out.par_chunks_mut(ATTENTION_TILE * width)
-            .enumerate()
-            .for_each(tile);
-    }
-}
-
-/// [`attention`] of the rows of one tile, the first at position `first`.
-fn attend_tile(q: &[f32], kv: &KvView<'_>, first: usize, shape: AttentionShape, out: &mut [f32]) {
-    let AttentionShape {
-        n_heads,
-        n_kv_heads,
-        head_dim: hd,
-    } = shape;
-    let group = (n_heads / n_kv_heads.max(1)).max(1);
-    let width = n_heads * hd;
-    let rows = out.len() / width;
-    let len = first + rows;
-    let row_len = kv.row_len();
-    // scores[(t·heads + h)·len + j]: row t, head h, position j (j ≤ first + t).
-    let mut scores = vec![0f32; rows * n_heads * len];
-    let mut max = vec![f32::NEG_INFINITY; rows * n_heads];
-    let mut j = 0;
-    for (keys, _) in kv.runs() {
-        keys.for_each_row(row_len, &mut |key| {
-            if j >= len {
-                return false;
-            }
-            for t in j.saturating_sub(first)..rows {
-                for h in 0..n_heads {
-                    let at = (h / group) * hd;
-                    let qh = &q[t * width + h * hd..t * width + (h + 1) * hd];
-                    let s = dot(qh, &key[at..at + hd]);
-                    let th = t * n_heads + h;
-                    scores[th * len + j] = s;
-                    max[th] = max[th].max(s);
-                }
-            }
-            j += 1;
-            true
-        });
-        if j >= len {
-            break;
-        }
-    }
-    let mut sums = vec![0f32; rows * n_heads];
-    for t in 0..rows {
-        for h in 0..n_heads {
-            let th = t * n_heads + h;
-            let mut sum = 0f32;
-            for s in &mut scores[th * len..th * len + first + t + 1] {
-                *s = (*s - max[th]).exp();
-                sum += *s;
-            }
-            sums[th] = sum;
-        }
-    }
-    out.fill(0.0);
-    let mut j = 0;
-    for (_, values) in kv.runs() {
-        values.for_each_row(row_len, &mut |value| {
-            if j >= len {
-                return false;
-            }
-            for t in j.saturating_sub(first)..rows {
-                for h in 0..n_heads {
-                    let at = (h / group) * hd;
-                    let weight = scores[(t * n_heads + h) * len + j];
-                    let o = &mut out[t * width + h * hd..t * width + (h + 1) * hd];
-                    for (acc, x) in o.iter_mut().zip(&value[at..at + hd]) {
-                        *acc += weight * x;
-                    }
-                }
-            }
-            j += 1;
-            true
-        });
-        if j >= len {
-            break;
-        }
-    }
-    for t in 0..rows {
-        for h in 0..n_heads {
-            let sum = sums[t * n_heads + h];
-            for acc in &mut out[t * width + h * hd..t * width + (h + 1) * hd] {
-                *acc /= sum;
-            }
-        }
-    }
+    let runs: Vec<(Rows<'_>, Rows<'_>)> = kv.runs().map(|(k, v)| (rows(k), rows(v))).collect();
+    llmos_cpu_kernels::attention(q, &runs, kv.row_len(), start, shape, out)
 }
 
 #[cfg(test)]

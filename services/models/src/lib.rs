@@ -17,6 +17,7 @@
 mod chat;
 mod config;
 mod error;
+mod fingerprint;
 mod gguf;
 mod hf;
 pub mod kernels;
@@ -30,6 +31,7 @@ mod weights;
 pub use chat::{default_chat_prompt, render_chat, ChatMessage, ChatTemplate};
 pub use config::{ModelConfig, RopeLayout, SourceFormat};
 pub use error::{ModelError, Result};
+pub use fingerprint::fingerprint;
 pub use model::{
     load, load_gguf, load_hf_dir, load_with_progress, LoadedModel, Model, SeqStep, StepOptions,
 };

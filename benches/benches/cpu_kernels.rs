@@ -1,0 +1,218 @@
+//! CPU kernel micro-bench: GB/s and GFLOP/s of each hot-path kernel of the forward
+//! (`llmos-cpu-kernels`: dense f32 matmul, attention over f16 and f32 K/V; candle's
+//! quantized q8_0 / q4_K matmul as the projections of quantized models use it), printed
+//! against this machine's read bandwidth measured in the same run. Shapes are the 134M
+//! bench model's (dim 768, 12 heads of 64). `cargo bench -p llmos-benches --bench cpu_kernels`.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use llmos_cpu_kernels::{attention, f16, matmul_t, AttentionShape, Rows};
+
+const THREADS: usize = 2;
+const DIM: usize = 768;
+const HEADS: usize = 12;
+const HEAD_DIM: usize = 64;
+/// Each measurement repeats its kernel until this much time has passed, then takes the
+/// median of the rounds.
+const BUDGET: Duration = Duration::from_millis(600);
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Median seconds of one call of `f`.
+fn time(mut f: impl FnMut()) -> f64 {
+    f();
+    let mut rounds = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < BUDGET || rounds.len() < 5 {
+        let t = Instant::now();
+        f();
+        rounds.push(t.elapsed().as_secs_f64());
+    }
+    rounds.sort_by(f64::total_cmp);
+    rounds[rounds.len() / 2]
+}
+
+struct Line {
+    name: String,
+    seconds: f64,
+    bytes: f64,
+    flops: f64,
+}
+
+fn print(line: &Line, bandwidth: f64) {
+    let gbs = line.bytes / line.seconds / 1e9;
+    println!(
+        "  {:<44} {:>9.3} ms  {:>7.2} GB/s ({:>3.0}% of read bandwidth)  {:>7.2} GFLOP/s",
+        line.name,
+        line.seconds * 1e3,
+        gbs,
+        100.0 * gbs / bandwidth,
+        line.flops / line.seconds / 1e9
+    );
+}
+
+/// Read bandwidth: a sum over a buffer far larger than the caches, both cores at once.
+fn read_bandwidth() -> f64 {
+    let data = random(64 << 20, 1); // 256 MiB
+    let chunk = data.len() / THREADS;
+    let seconds = time(|| {
+        let total: f32 = std::thread::scope(|s| {
+            let handles: Vec<_> = data
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || {
+                        let mut acc = [0f32; 16];
+                        for c in part.chunks_exact(16) {
+                            for (a, x) in acc.iter_mut().zip(c) {
+                                *a += x;
+                            }
+                        }
+                        acc.iter().sum::<f32>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        black_box(total);
+    });
+    (data.len() * 4) as f64 / seconds / 1e9
+}
+
+fn dense(rows: usize, n: usize) -> Line {
+    let x = random(rows * DIM, 2);
+    let w = random(n * DIM, 3);
+    let seconds = time(|| {
+        black_box(matmul_t(&x, rows, &w, n));
+    });
+    Line {
+        name: format!("dense f32 matmul {rows}×{DIM} · ({n}×{DIM})ᵀ"),
+        seconds,
+        bytes: ((n * DIM + rows * DIM + rows * n) * 4) as f64,
+        flops: (2 * rows * n * DIM) as f64,
+    }
+}
+
+fn quantized(dtype: GgmlDType, rows: usize, n: usize) -> Line {
+    let dev = Device::Cpu;
+    let w = Tensor::from_vec(random(n * DIM, 4), (n, DIM), &dev).expect("weights");
+    let q = QTensor::quantize(&w, dtype).expect("quantize");
+    let weight_bytes = q.storage_size_in_bytes();
+    let mm = QMatMul::from_qtensor(q).expect("qmatmul");
+    let x = Tensor::from_vec(random(rows * DIM, 5), (rows, DIM), &dev).expect("x");
+    let seconds = time(|| {
+        black_box(mm.forward(&x).expect("forward"));
+    });
+    Line {
+        name: format!("candle {dtype:?} matmul {rows}×{DIM} · ({n}×{DIM})ᵀ"),
+        seconds,
+        bytes: (weight_bytes + (rows * DIM + rows * n) * 4) as f64,
+        flops: (2 * rows * n * DIM) as f64,
+    }
+}
+
+/// `seqs` sequences of `context` positions, `rows` new rows each (decode: 1), K/V in
+/// blocks of 16 positions.
+fn attend(seqs: usize, context: usize, rows: usize, half: bool) -> Line {
+    let shape = AttentionShape {
+        n_heads: HEADS,
+        n_kv_heads: HEADS,
+        head_dim: HEAD_DIM,
+    };
+    let row = HEADS * HEAD_DIM;
+    // Each sequence its own K/V, as in a server (not one cache-resident copy).
+    let keys: Vec<Vec<f32>> = (0..seqs)
+        .map(|i| random(context * row, 6 + 2 * i as u64))
+        .collect();
+    let values: Vec<Vec<f32>> = (0..seqs)
+        .map(|i| random(context * row, 7 + 2 * i as u64))
+        .collect();
+    let widen = |v: &Vec<f32>| v.iter().map(|&x| f16::from_f32(x)).collect::<Vec<f16>>();
+    let keys_h: Vec<Vec<f16>> = keys.iter().map(widen).collect();
+    let values_h: Vec<Vec<f16>> = values.iter().map(widen).collect();
+    let block = 16 * row;
+    let runs: Vec<Vec<(Rows<'_>, Rows<'_>)>> = (0..seqs)
+        .map(|s| {
+            if half {
+                keys_h[s]
+                    .chunks(block)
+                    .zip(values_h[s].chunks(block))
+                    .map(|(k, v)| (Rows::F16(k), Rows::F16(v)))
+                    .collect()
+            } else {
+                keys[s]
+                    .chunks(block)
+                    .zip(values[s].chunks(block))
+                    .map(|(k, v)| (Rows::F32(k), Rows::F32(v)))
+                    .collect()
+            }
+        })
+        .collect();
+    let q = random(rows * row, 8);
+    let mut out = vec![0f32; rows * row];
+    let start = context - rows;
+    let seconds = time(|| {
+        for runs in &runs {
+            attention(&q, runs, row, start, shape, &mut out);
+        }
+        black_box(&out);
+    });
+    let element = if half { 2 } else { 4 };
+    // Every key and value row up to the last position is read once per tile of 8 rows.
+    let tiles = rows.div_ceil(8);
+    let kv_bytes = seqs * tiles * 2 * context * row * element;
+    // Scores and weighted values: 2 flops per element of each, over the causal triangle.
+    let pairs: usize = (0..rows).map(|t| start + t + 1).sum();
+    Line {
+        name: format!(
+            "attention {} K/V, {seqs} seq × {rows} row(s) at {context}",
+            if half { "f16" } else { "f32" }
+        ),
+        seconds,
+        bytes: kv_bytes as f64,
+        flops: (seqs * pairs * HEADS * HEAD_DIM * 4) as f64,
+    }
+}
+
+fn main() {
+    std::env::set_var("RAYON_NUM_THREADS", THREADS.to_string());
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(THREADS)
+        .build_global();
+    println!(
+        "CPU kernels ({} threads, instruction set {})",
+        THREADS,
+        llmos_cpu_kernels::isa().name()
+    );
+    let bandwidth = read_bandwidth();
+    println!("  measured read bandwidth (2 threads summing 256 MiB): {bandwidth:.2} GB/s");
+    let lines = [
+        dense(1, DIM),
+        dense(16, DIM),
+        dense(512, DIM),
+        quantized(GgmlDType::Q8_0, 1, DIM),
+        quantized(GgmlDType::Q8_0, 16, DIM),
+        quantized(GgmlDType::Q8_0, 512, DIM),
+        quantized(GgmlDType::Q4K, 1, DIM),
+        quantized(GgmlDType::Q4K, 16, DIM),
+        attend(16, 256, 1, true),
+        attend(16, 256, 1, false),
+        attend(64, 512, 1, true),
+        attend(1, 512, 512, true),
+    ];
+    for line in &lines {
+        print(line, bandwidth);
+    }
+}

@@ -1,0 +1,301 @@
+//! Causal attention of new query rows over K/V read in place from the runs (blocks) of the
+//! paged pool, f32 or f16, in a fixed order over positions so that a row's result does not
+//! depend on the chunk it arrived in, the rows sharing its tile, or the pool's layout.
+
+use half::f16;
+use rayon::prelude::*;
+
+use crate::ops::{Elem, Ops};
+use crate::{with_ops, Dispatch};
+
+/// Shape of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (query head `h` reads KV head `h / (n_heads / n_kv_heads)`).
+    pub n_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+/// One run of consecutive K or V rows, as the pool stores them.
+#[derive(Clone, Copy, Debug)]
+pub enum Rows<'a> {
+    /// f32 rows.
+    F32(&'a [f32]),
+    /// f16 rows (widened exactly as they are read).
+    F16(&'a [f16]),
+}
+
+/// Multiply-adds below which one attention call runs on the calling thread: spreading a
+/// decode row's dozen heads over the pool costs more than it saves.
+const PARALLEL_ATTENTION_WORK: usize = 1 << 18;
+
+/// Query rows attended together: each key and value row is read once for the whole tile.
+const ATTENTION_TILE: usize = 8;
+
+/// Causal attention of `n` new rows at positions `start..start + n` over the keys and
+/// values of positions `0..start + n`, stored in `runs` of `(keys, values)` with rows of
+/// `row_len` (`n_kv_heads × head_dim`) elements, already holding the new rows. `q` is
+/// `n × (n_heads·head_dim)`, pre-scaled by `1/√head_dim`; the result goes to `out`, same
+/// shape.
+///
+/// For each row (at position `p`) and head, in this order: the scores of positions
+/// `0..=p` by [`crate::dot`], their maximum, `exp(score − max)` summed in position order,
+/// the values weighted and summed in position order ([`crate::reference::axpy`]), then
+/// divided by the sum. Rows are taken in tiles, and each key and value row is read once
+/// per tile, every head at a time (one pass over the cache).
+pub fn attention(
+    q: &[f32],
+    runs: &[(Rows<'_>, Rows<'_>)],
+    row_len: usize,
+    start: usize,
+    shape: AttentionShape,
+    out: &mut [f32],
+) {
+    struct Attention<'a, 'r> {
+        q: &'a [f32],
+        runs: &'a [(Rows<'r>, Rows<'r>)],
+        row_len: usize,
+        start: usize,
+        shape: AttentionShape,
+        out: &'a mut [f32],
+    }
+    impl Dispatch<()> for Attention<'_, '_> {
+        fn run<O: Ops>(self, ops: O) {
+            attention_with(
+                ops,
+                self.q,
+                self.runs,
+                self.row_len,
+                self.start,
+                self.shape,
+                self.out,
+            )
+        }
+    }
+    with_ops(Attention {
+        q,
+        runs,
+        row_len,
+        start,
+        shape,
+        out,
+    })
+}
+
+pub(crate) fn attention_with<O: Ops>(
+    ops: O,
+    q: &[f32],
+    runs: &[(Rows<'_>, Rows<'_>)],
+    row_len: usize,
+    start: usize,
+    shape: AttentionShape,
+    out: &mut [f32],
+) {
+    let width = shape.n_heads * shape.head_dim;
+    let rows = out.len() / width.max(1);
+    let tile = |(index, o): (usize, &mut [f32])| {
+        let first = index * ATTENTION_TILE;
+        let count = o.len() / width;
+        let q = &q[first * width..(first + count) * width];
+        ops.vectorize(
+            #[inline(always)]
+            || attend_tile(ops, q, runs, row_len, start + first, shape, o),
+        )
+    };
+    let work = rows * width * (start + rows);
+    if work < PARALLEL_ATTENTION_WORK || rows < 2 {
+        out.chunks_mut(ATTENTION_TILE * width)
+            .enumerate()
+            .for_each(tile);
+    } else {
+        out.par_chunks_mut(ATTENTION_TILE * width)
+            .enumerate()
+            .for_each(tile);
+    }
+}
+
+/// What one tile's pass over the keys needs.
+struct Tile<'a> {
+    q: &'a [f32],
+    shape: AttentionShape,
+    row_len: usize,
+    /// Position of the tile's first row.
+    first: usize,
+    rows: usize,
+    /// Positions attended by the tile's last row (`first + rows`).
+    len: usize,
+}
+
+/// [`attention`] of the rows of one tile, the first at position `first`.
+#[inline(always)]
+fn attend_tile<O: Ops>(
+    ops: O,
+    q: &[f32],
+    runs: &[(Rows<'_>, Rows<'_>)],
+    row_len: usize,
+    first: usize,
+    shape: AttentionShape,
+    out: &mut [f32],
+) {
+    let n_heads = shape.n_heads;
+    let width = n_heads * shape.head_dim;
+    let rows = out.len() / width;
+    let tile = Tile {
+        q,
+        shape,
+        row_len,
+        first,
+        rows,
+        len: first + rows,
+    };
+    let len = tile.len;
+    // scores[j·pairs + t·heads + h]: position j, row t, head h (j ≤ first + t); one
+    // position's scores are adjacent, as both passes over the keys write and read them.
+    let pairs = rows * n_heads;
+    let mut scores = vec![0f32; len * pairs];
+    let mut max = vec![f32::NEG_INFINITY; rows * n_heads];
+    let mut j = 0;
+    for (keys, _) in runs {
+        if j >= len {
+            break;
+        }
+        j = match keys {
+            Rows::F32(k) => score_run(ops, &tile, k, j, &mut scores, &mut max),
+            Rows::F16(k) => score_run(ops, &tile, k, j, &mut scores, &mut max),
+        };
+    }
+    let mut sums = vec![0f32; rows * n_heads];
+    for t in 0..rows {
+        for h in 0..n_heads {
+            let th = t * n_heads + h;
+            let mut sum = 0f32;
+            for j in 0..first + t + 1 {
+                let s = &mut scores[j * pairs + th];
+                *s = (*s - max[th]).exp();
+                sum += *s;
+            }
+            sums[th] = sum;
+        }
+    }
+    out.fill(0.0);
+    let mut j = 0;
+    for (_, values) in runs {
+        if j >= len {
+            break;
+        }
+        j = match values {
+            Rows::F32(v) => weigh_run(ops, &tile, v, j, &scores, out),
+            Rows::F16(v) => weigh_run(ops, &tile, v, j, &scores, out),
+        };
+    }
+    let hd = shape.head_dim;
+    for t in 0..rows {
+        for h in 0..n_heads {
+            let sum = sums[t * n_heads + h];
+            for acc in &mut out[t * width + h * hd..t * width + (h + 1) * hd] {
+                *acc /= sum;
+            }
+        }
+    }
+}
+
+/// Scores of the tile's rows against the keys of one run, whose first row is position
+/// `j`; returns the position after the last one used.
+#[inline(always)]
+fn score_run<O: Ops, E: Elem>(
+    ops: O,
+    tile: &Tile<'_>,
+    keys: &[E],
+    mut j: usize,
+    scores: &mut [f32],
+    max: &mut [f32],
+) -> usize {
+    let AttentionShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+    } = tile.shape;
+    let group = (n_heads / n_kv_heads.max(1)).max(1);
+    let width = n_heads * hd;
+    for key in keys.chunks_exact(tile.row_len) {
+        if j >= tile.len {
+            break;
+        }
+        // Pair `p` is row `p / n_heads`, head `p % n_heads` (so `p` is also `th` below);
+        // four at a time, their dependency chains interleaved.
+        let pair = |p: usize| {
+            let (t, h) = (p / n_heads, p % n_heads);
+            let at = (h / group) * hd;
+            let q = &tile.q[t * width + h * hd..t * width + (h + 1) * hd];
+            (q, &key[at..at + hd])
+        };
+        let mut record = |th: usize, s: f32| {
+            scores[j * tile.rows * n_heads + th] = s;
+            max[th] = max[th].max(s);
+        };
+        let end = tile.rows * n_heads;
+        let mut p = j.saturating_sub(tile.first) * n_heads;
+        while p + 4 <= end {
+            let pairs = [pair(p), pair(p + 1), pair(p + 2), pair(p + 3)];
+            let s = E::dot_pairs(ops, pairs.map(|(q, _)| q), pairs.map(|(_, k)| k));
+            for (i, s) in s.into_iter().enumerate() {
+                record(p + i, s);
+            }
+            p += 4;
+        }
+        while p < end {
+            let (q, k) = pair(p);
+            record(p, E::dot(ops, q, k));
+            p += 1;
+        }
+        j += 1;
+    }
+    j
+}
+
+/// Adds the values of one run, whose first row is position `j`, weighted by the tile's
+/// normalised scores; returns the position after the last one used.
+#[inline(always)]
+fn weigh_run<O: Ops, E: Elem>(
+    ops: O,
+    tile: &Tile<'_>,
+    values: &[E],
+    mut j: usize,
+    scores: &[f32],
+    out: &mut [f32],
+) -> usize {
+    let AttentionShape {
+        n_heads,
+        n_kv_heads,
+        head_dim: hd,
+    } = tile.shape;
+    let group = (n_heads / n_kv_heads.max(1)).max(1);
+    let width = n_heads * hd;
+    for value in values.chunks_exact(tile.row_len) {
+        if j >= tile.len {
+            break;
+        }
+        let t0 = j.saturating_sub(tile.first);
+        let count = tile.rows - t0;
+        for h in 0..n_heads {
+            let at = (h / group) * hd;
+            // Every row of the tile from t0 takes this head's value once, widened once.
+            let mut weights = [0f32; ATTENTION_TILE];
+            for (i, w) in weights[..count].iter_mut().enumerate() {
+                *w = scores[j * tile.rows * n_heads + (t0 + i) * n_heads + h];
+            }
+            E::axpy_rows(
+                ops,
+                &mut out[t0 * width + h * hd..],
+                width,
+                &weights[..count],
+                &value[at..at + hd],
+            );
+        }
+        j += 1;
+    }
+    j
+}

@@ -1,0 +1,103 @@
+//! Dense `x·wᵀ` (f32 weights): whole output columns per parallel task, each weight row
+//! read once for a tile of four input rows; element `(r, c)` is exactly `dot(x[r], w[c])`.
+
+use rayon::prelude::*;
+
+use crate::ops::Ops;
+use crate::{with_ops, Dispatch};
+
+/// Output columns per parallel work item.
+const COLUMNS_PER_TASK: usize = 16;
+
+/// Multiply-adds below which the product runs on the calling thread (a tiny model's
+/// projections cost less than handing them to the pool).
+const PARALLEL_MATMUL_WORK: usize = 1 << 16;
+
+/// Rows computed together against one weight row.
+const ROW_TILE: usize = 4;
+
+/// `x · wᵀ`: `x` is `rows × k`, `w` is `n × k` (one output column per weight row), the
+/// result `rows × n`. Element `(r, c)` is exactly [`crate::dot`]`(x[r], w[c])`; work is
+/// split across rayon's current pool by output columns.
+pub fn matmul_t(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
+    struct Matmul<'a> {
+        x: &'a [f32],
+        rows: usize,
+        w: &'a [f32],
+        n: usize,
+    }
+    impl Dispatch<Vec<f32>> for Matmul<'_> {
+        fn run<O: Ops>(self, ops: O) -> Vec<f32> {
+            matmul_t_with(ops, self.x, self.rows, self.w, self.n)
+        }
+    }
+    with_ops(Matmul { x, rows, w, n })
+}
+
+pub(crate) fn matmul_t_with<O: Ops>(
+    ops: O,
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    n: usize,
+) -> Vec<f32> {
+    if rows == 0 || n == 0 {
+        return Vec::new();
+    }
+    let k = x.len() / rows;
+    assert_eq!(x.len(), rows * k, "x is not rows × k");
+    assert_eq!(w.len(), n * k, "w is not n × k");
+    // Column-major while computing (each task owns whole columns), row-major at the end.
+    let mut by_column = vec![0f32; n * rows];
+    let columns = |(task, out): (usize, &mut [f32])| {
+        ops.vectorize(
+            #[inline(always)]
+            || columns_task(ops, x, rows, k, w, task * COLUMNS_PER_TASK, out),
+        )
+    };
+    if rows * n * k < PARALLEL_MATMUL_WORK {
+        by_column
+            .chunks_mut(COLUMNS_PER_TASK * rows)
+            .enumerate()
+            .for_each(columns);
+    } else {
+        by_column
+            .par_chunks_mut(COLUMNS_PER_TASK * rows)
+            .enumerate()
+            .for_each(columns);
+    }
+    let mut out = vec![0f32; rows * n];
+    for (c, column) in by_column.chunks_exact(rows).enumerate() {
+        for (r, value) in column.iter().enumerate() {
+            out[r * n + c] = *value;
+        }
+    }
+    out
+}
+
+/// The columns from `first` that `out` (column-major, `rows` per column) holds.
+#[inline(always)]
+fn columns_task<O: Ops>(
+    ops: O,
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f32],
+    first: usize,
+    out: &mut [f32],
+) {
+    let row = |r: usize| &x[r * k..(r + 1) * k];
+    for (j, column) in out.chunks_exact_mut(rows).enumerate() {
+        let c = first + j;
+        let wc = &w[c * k..(c + 1) * k];
+        let mut r = 0;
+        while r + ROW_TILE <= rows {
+            let tile = ops.dot4([row(r), row(r + 1), row(r + 2), row(r + 3)], wc);
+            column[r..r + ROW_TILE].copy_from_slice(&tile);
+            r += ROW_TILE;
+        }
+        for (rr, value) in column.iter_mut().enumerate().skip(r) {
+            *value = ops.dot(row(rr), wc);
+        }
+    }
+}

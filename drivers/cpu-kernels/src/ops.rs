@@ -1,0 +1,117 @@
+//! The primitives every kernel is written in, as a trait implemented once per instruction
+//! set; the kernels are generic over it, so each instruction set runs the same algorithm.
+
+use half::f16;
+
+use crate::reference;
+
+/// The primitives, each bit-identical to its [`reference`] counterpart.
+pub(crate) trait Ops: Copy + Send + Sync {
+    /// [`reference::dot`].
+    fn dot(self, a: &[f32], b: &[f32]) -> f32;
+    /// [`reference::dot_f16`].
+    fn dot_f16(self, a: &[f32], b: &[f16]) -> f32;
+    /// [`reference::dot4`].
+    fn dot4(self, rows: [&[f32]; 4], w: &[f32]) -> [f32; 4];
+    /// [`reference::dot_pairs`].
+    fn dot_pairs(self, a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4];
+    /// [`reference::dot_pairs_f16`].
+    fn dot_pairs_f16(self, a: [&[f32]; 4], b: [&[f16]; 4]) -> [f32; 4];
+    /// [`reference::axpy_rows`].
+    fn axpy_rows(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f32]);
+    /// [`reference::axpy_rows_f16`].
+    fn axpy_rows_f16(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f16]);
+    /// Runs `f` compiled for this instruction set: `f`'s body, inlined into a function
+    /// with the set's target features, inlines the primitives in turn (no call per dot).
+    fn vectorize<R>(self, f: impl FnOnce() -> R) -> R;
+}
+
+/// The scalar reference, for any CPU.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Portable;
+
+impl Ops for Portable {
+    #[inline(always)]
+    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+        reference::dot(a, b)
+    }
+
+    #[inline(always)]
+    fn dot_f16(self, a: &[f32], b: &[f16]) -> f32 {
+        reference::dot_f16(a, b)
+    }
+
+    #[inline(always)]
+    fn dot4(self, rows: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+        reference::dot4(rows, w)
+    }
+
+    #[inline(always)]
+    fn dot_pairs(self, a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4] {
+        reference::dot_pairs(a, b)
+    }
+
+    #[inline(always)]
+    fn dot_pairs_f16(self, a: [&[f32]; 4], b: [&[f16]; 4]) -> [f32; 4] {
+        reference::dot_pairs_f16(a, b)
+    }
+
+    #[inline(always)]
+    fn axpy_rows(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f32]) {
+        reference::axpy_rows(acc, stride, weights, x)
+    }
+
+    #[inline(always)]
+    fn axpy_rows_f16(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f16]) {
+        reference::axpy_rows_f16(acc, stride, weights, x)
+    }
+
+    #[inline(always)]
+    fn vectorize<R>(self, f: impl FnOnce() -> R) -> R {
+        f()
+    }
+}
+
+/// An element type K/V rows may be stored in.
+pub(crate) trait Elem: Copy + Send + Sync {
+    /// `ops.dot` of f32 `q` against these elements.
+    fn dot<O: Ops>(ops: O, q: &[f32], k: &[Self]) -> f32;
+    /// `ops.dot_pairs` of f32 `q`s against these elements.
+    fn dot_pairs<O: Ops>(ops: O, q: [&[f32]; 4], k: [&[Self]; 4]) -> [f32; 4];
+    /// `ops.axpy_rows` of these elements into `acc`.
+    fn axpy_rows<O: Ops>(ops: O, acc: &mut [f32], stride: usize, weights: &[f32], x: &[Self]);
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn dot<O: Ops>(ops: O, q: &[f32], k: &[f32]) -> f32 {
+        ops.dot(q, k)
+    }
+
+    #[inline(always)]
+    fn dot_pairs<O: Ops>(ops: O, q: [&[f32]; 4], k: [&[f32]; 4]) -> [f32; 4] {
+        ops.dot_pairs(q, k)
+    }
+
+    #[inline(always)]
+    fn axpy_rows<O: Ops>(ops: O, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f32]) {
+        ops.axpy_rows(acc, stride, weights, x)
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn dot<O: Ops>(ops: O, q: &[f32], k: &[f16]) -> f32 {
+        ops.dot_f16(q, k)
+    }
+
+    #[inline(always)]
+    fn dot_pairs<O: Ops>(ops: O, q: [&[f32]; 4], k: [&[f16]; 4]) -> [f32; 4] {
+        ops.dot_pairs_f16(q, k)
+    }
+
+    #[inline(always)]
+    fn axpy_rows<O: Ops>(ops: O, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f16]) {
+        ops.axpy_rows_f16(acc, stride, weights, x)
+    }
+}

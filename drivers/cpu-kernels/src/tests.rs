@@ -1,0 +1,242 @@
+//! Property tests: every SIMD path bit for bit against the scalar reference on random
+//! shapes with ragged tails, and the kernels' batch and chunk invariance.
+
+use half::f16;
+use proptest::prelude::*;
+
+use crate::attention::attention_with;
+use crate::dense::matmul_t_with;
+use crate::ops::{Ops, Portable};
+use crate::reference;
+use crate::{AttentionShape, Rows};
+
+/// Values of mixed magnitudes (products and sums round differently in another order).
+fn values(len: usize) -> impl Strategy<Value = Vec<f32>> {
+    prop::collection::vec(
+        prop_oneof![-1.0f32..1.0, -1.0e4f32..1.0e4, -1.0e-4f32..1.0e-4],
+        len,
+    )
+}
+
+fn halves(v: &[f32]) -> Vec<f16> {
+    v.iter().map(|&x| f16::from_f32(x)).collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Runs `check` with every instruction set this CPU has (the reference always).
+fn each_isa(mut check: impl FnMut(&dyn Fn(&mut dyn FnMut(Isas)))) {
+    check(&|f| f(Isas::Portable(Portable)));
+    #[cfg(target_arch = "x86_64")]
+    if let Some(avx2) = crate::x86::Avx2::get() {
+        check(&|f| f(Isas::Avx2(avx2)));
+    }
+}
+
+/// One instruction set, as a value the checks can match on.
+#[derive(Clone, Copy)]
+enum Isas {
+    Portable(Portable),
+    #[cfg(target_arch = "x86_64")]
+    Avx2(crate::x86::Avx2),
+}
+
+macro_rules! with_isa {
+    ($isa:expr, |$ops:ident| $body:expr) => {
+        match $isa {
+            Isas::Portable($ops) => $body,
+            #[cfg(target_arch = "x86_64")]
+            Isas::Avx2($ops) => $body,
+        }
+    };
+}
+
+fn attention_case(shape: AttentionShape, len: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    use rand_like::Lcg;
+    let row = shape.n_kv_heads * shape.head_dim;
+    let width = shape.n_heads * shape.head_dim;
+    let mut lcg = Lcg(seed);
+    let keys = (0..len * row).map(|_| lcg.next()).collect();
+    let values = (0..len * row).map(|_| lcg.next()).collect();
+    let q = (0..len * width).map(|_| lcg.next() * 0.3).collect();
+    (keys, values, q)
+}
+
+/// A tiny generator for the attention cases (proptest draws the shapes and the seed).
+mod rand_like {
+    pub struct Lcg(pub u64);
+    impl Lcg {
+        pub fn next(&mut self) -> f32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+}
+
+/// `data`'s rows `0..upto` as runs of `run` rows, f32 or f16.
+fn runs_of<'a>(
+    f32_data: &'a [f32],
+    f16_data: &'a [f16],
+    row: usize,
+    upto: usize,
+    run: usize,
+    as_f16: bool,
+) -> Vec<Rows<'a>> {
+    (0..upto.div_ceil(run))
+        .map(|i| {
+            let range = i * run * row..upto.min((i + 1) * run) * row;
+            if as_f16 {
+                Rows::F16(&f16_data[range])
+            } else {
+                Rows::F32(&f32_data[range])
+            }
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn dot_is_the_reference_bit_for_bit(
+        (a, b) in (0usize..300, 0usize..9).prop_flat_map(|(n, extra)| (values(n + extra), values(n))),
+    ) {
+        let bh = halves(&b);
+        let expected = reference::dot(&a, &b).to_bits();
+        let expected_f16 = reference::dot_f16(&a, &bh).to_bits();
+        // The f16 path equals the f32 one on the widened values.
+        let widened: Vec<f32> = bh.iter().map(|x| x.to_f32()).collect();
+        prop_assert_eq!(expected_f16, reference::dot(&a, &widened).to_bits());
+        each_isa(|run| run(&mut |isa| with_isa!(isa, |ops| {
+            assert_eq!(ops.dot(&a, &b).to_bits(), expected);
+            assert_eq!(ops.dot_f16(&a, &bh).to_bits(), expected_f16);
+        })));
+    }
+
+    #[test]
+    fn dot4_dot_pairs_and_axpy_rows_are_the_reference_bit_for_bit(
+        a in values(77), b in values(77), c in values(77), d in values(77),
+        w in values(77), n in 0usize..78, lens in prop::array::uniform4(0usize..78),
+        weights in prop::collection::vec(-3.0f32..3.0, 0..9), stride_extra in 0usize..5,
+    ) {
+        let wn = &w[..n];
+        let rows = [&a[..], &b[..], &c[..], &d[..]];
+        let expected: Vec<u32> = rows.iter().map(|r| reference::dot(r, wn).to_bits()).collect();
+        prop_assert_eq!(bits(&reference::dot4(rows, wn)), expected.clone());
+        // Pairs of different lengths, f32 and f16.
+        let pa: [&[f32]; 4] = std::array::from_fn(|i| &rows[i][..lens[i]]);
+        let pb: [&[f32]; 4] = std::array::from_fn(|i| rows[(i + 1) % 4]);
+        let pb_h: Vec<Vec<f16>> = pb.iter().map(|x| halves(x)).collect();
+        let pb_h: [&[f16]; 4] = std::array::from_fn(|i| &pb_h[i][..]);
+        let pairs_ref: Vec<u32> = (0..4).map(|i| reference::dot(pa[i], pb[i]).to_bits()).collect();
+        let pairs_f16_ref: Vec<u32> = (0..4).map(|i| reference::dot_f16(pa[i], pb_h[i]).to_bits()).collect();
+        // Rows of `stride` apart, each `n` long, one weight per row.
+        let stride = n + stride_extra;
+        let acc0: Vec<f32> = (0..weights.len() * stride).map(|i| a[i % 77]).collect();
+        let wh = halves(wn);
+        let mut rows_ref = acc0.clone();
+        for (i, &wi) in weights.iter().enumerate() {
+            reference::axpy(&mut rows_ref[i * stride..i * stride + n], wi, wn);
+        }
+        let mut rows_f16_ref = acc0.clone();
+        for (i, &wi) in weights.iter().enumerate() {
+            reference::axpy_f16(&mut rows_f16_ref[i * stride..i * stride + n], wi, &wh);
+        }
+        each_isa(|run| run(&mut |isa| with_isa!(isa, |ops| {
+            assert_eq!(bits(&ops.dot4(rows, wn)), expected);
+            assert_eq!(bits(&ops.dot_pairs(pa, pb)), pairs_ref);
+            assert_eq!(bits(&ops.dot_pairs_f16(pa, pb_h)), pairs_f16_ref);
+            let mut acc = acc0.clone();
+            ops.axpy_rows(&mut acc, stride, &weights, wn);
+            assert_eq!(bits(&acc), bits(&rows_ref));
+            let mut acc = acc0.clone();
+            ops.axpy_rows_f16(&mut acc, stride, &weights, &wh);
+            assert_eq!(bits(&acc), bits(&rows_f16_ref));
+        })));
+    }
+
+    #[test]
+    fn matmul_rows_are_their_dots_whatever_the_batch(
+        k in 1usize..90, n in 1usize..40, rows in 1usize..11, seed in any::<u64>(),
+    ) {
+        let mut lcg = rand_like::Lcg(seed);
+        let x: Vec<f32> = (0..rows * k).map(|_| lcg.next()).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| lcg.next()).collect();
+        let expected: Vec<u32> = (0..rows)
+            .flat_map(|r| (0..n).map(move |c| (r, c)))
+            .map(|(r, c)| reference::dot(&x[r * k..(r + 1) * k], &w[c * k..(c + 1) * k]).to_bits())
+            .collect();
+        each_isa(|run| run(&mut |isa| with_isa!(isa, |ops| {
+            assert_eq!(bits(&matmul_t_with(ops, &x, rows, &w, n)), expected);
+            // Each row alone gives the same bits as in the batch.
+            for r in 0..rows {
+                let alone = matmul_t_with(ops, &x[r * k..(r + 1) * k], 1, &w, n);
+                assert_eq!(bits(&alone), expected[r * n..(r + 1) * n].to_vec());
+            }
+        })));
+    }
+
+    #[test]
+    fn attention_is_the_reference_whatever_the_chunks_runs_and_isa(
+        n_kv_heads in 1usize..4, group in 1usize..4, head_dim in prop_oneof![Just(8usize), Just(64), 1usize..20],
+        len in 1usize..40, chunk in 1usize..17, run in 1usize..9, as_f16 in any::<bool>(), seed in any::<u64>(),
+    ) {
+        let shape = AttentionShape { n_heads: n_kv_heads * group, n_kv_heads, head_dim };
+        let (keys, vals, q) = attention_case(shape, len, seed);
+        let (keys_h, vals_h) = (halves(&keys), halves(&vals));
+        let row = n_kv_heads * head_dim;
+        let width = shape.n_heads * head_dim;
+        let runs = |upto: usize, run: usize| -> Vec<(Rows<'_>, Rows<'_>)> {
+            runs_of(&keys, &keys_h, row, upto, run, as_f16)
+                .into_iter()
+                .zip(runs_of(&vals, &vals_h, row, upto, run, as_f16))
+                .collect()
+        };
+        // Every row alone on the reference, the keys in one run.
+        let mut alone = vec![0f32; len * width];
+        for p in 0..len {
+            attention_with(Portable, &q[p * width..(p + 1) * width], &runs(p + 1, len), row, p, shape,
+                &mut alone[p * width..(p + 1) * width]);
+        }
+        each_isa(|run_isa| run_isa(&mut |isa| with_isa!(isa, |ops| {
+            let mut start = 0;
+            while start < len {
+                let count = chunk.min(len - start);
+                let mut out = vec![0f32; count * width];
+                attention_with(ops, &q[start * width..(start + count) * width], &runs(start + count, run),
+                    row, start, shape, &mut out);
+                assert_eq!(bits(&out), bits(&alone[start * width..(start + count) * width]));
+                start += count;
+            }
+        })));
+    }
+}
+
+#[test]
+fn the_public_entry_points_use_the_detected_isa() {
+    // Whatever was detected, the public functions agree with the reference.
+    let a: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+    let b: Vec<f32> = (0..37).map(|i| (i as f32 * 0.11).cos()).collect();
+    assert_eq!(
+        crate::dot(&a, &b).to_bits(),
+        reference::dot(&a, &b).to_bits()
+    );
+    let m = crate::matmul_t(&a[..36], 4, &b[..27], 3);
+    assert_eq!(m.len(), 12);
+    assert_eq!(
+        m[5].to_bits(),
+        reference::dot(&a[9..18], &b[18..27]).to_bits()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("f16c")
+        && !crate::portable_forced()
+    {
+        assert_eq!(crate::isa(), crate::Isa::Avx2);
+    }
+}

@@ -1,0 +1,273 @@
+//! AVX2 + F16C primitives (x86-64): the reference's order of operations, eight lanes per
+//! register — a product then a sum per lane (never fused), the lanes reduced by the
+//! reference's own code, the remainder done by scalar code in order.
+
+use std::arch::x86_64::{
+    __m128i, __m256, _mm256_add_ps, _mm256_cvtph_ps, _mm256_loadu_ps, _mm256_mul_ps,
+    _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps, _mm_loadu_si128,
+};
+use std::sync::OnceLock;
+
+use half::f16;
+
+use crate::ops::Ops;
+use crate::reference::{reduce, LANES};
+
+/// Proof that this CPU has AVX2 and F16C: the only way to get one is [`Avx2::get`], which
+/// detects them at run time. Every `unsafe` call of a `#[target_feature]` function below
+/// rests on holding this token.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx2 {
+    _detected: (),
+}
+
+impl Avx2 {
+    /// The token, if this CPU has the features (and `LLMOS_CPU_KERNELS` does not force the
+    /// portable path); detected once per process.
+    pub(crate) fn get() -> Option<Avx2> {
+        static DETECTED: OnceLock<Option<Avx2>> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let present = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("f16c");
+            (present && !crate::portable_forced()).then_some(Avx2 { _detected: () })
+        })
+    }
+}
+
+impl Ops for Avx2 {
+    #[inline(always)]
+    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        unsafe { dot(a, b) }
+    }
+
+    #[inline(always)]
+    fn dot_f16(self, a: &[f32], b: &[f16]) -> f32 {
+        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        unsafe { dot_f16(a, b) }
+    }
+
+    #[inline(always)]
+    fn dot4(self, rows: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        unsafe { dot4(rows, w) }
+    }
+
+    #[inline(always)]
+    fn dot_pairs(self, a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4] {
+        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        unsafe { dot_pairs(a, b) }
+    }
+
+    #[inline(always)]
+    fn dot_pairs_f16(self, a: [&[f32]; 4], b: [&[f16]; 4]) -> [f32; 4] {
+        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        unsafe { dot_pairs(a, b) }
+    }
+
+    #[inline(always)]
+    fn axpy_rows(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f32]) {
+        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        unsafe { axpy_rows(acc, stride, weights, x) }
+    }
+
+    #[inline(always)]
+    fn axpy_rows_f16(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f16]) {
+        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        unsafe { axpy_rows(acc, stride, weights, x) }
+    }
+
+    #[inline(always)]
+    fn vectorize<R>(self, f: impl FnOnce() -> R) -> R {
+        #[target_feature(enable = "avx2,f16c")]
+        fn with_features<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        unsafe { with_features(f) }
+    }
+}
+
+/// The eight lanes of `v`, reduced as the reference does.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn reduce_lanes(v: __m256) -> f32 {
+    let mut lanes = [0f32; LANES];
+    // SAFETY: `lanes` holds exactly the eight f32 one unaligned store writes.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+    reduce(&lanes)
+}
+
+/// Eight f32 of `s` from `at` (`at + 8 <= s.len()`, checked).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn load(s: &[f32], at: usize) -> __m256 {
+    let chunk = &s[at..at + LANES];
+    // SAFETY: `chunk` is eight initialised f32; the load is unaligned.
+    unsafe { _mm256_loadu_ps(chunk.as_ptr()) }
+}
+
+/// Eight f16 of `s` from `at` widened to f32 (`at + 8 <= s.len()`, checked).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn load_f16(s: &[f16], at: usize) -> __m256 {
+    let chunk = &s[at..at + LANES];
+    // SAFETY: `chunk` is eight f16, i.e. sixteen initialised bytes; the load is unaligned.
+    let raw = unsafe { _mm_loadu_si128(chunk.as_ptr().cast::<__m128i>()) };
+    _mm256_cvtph_ps(raw)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let whole = n - n % LANES;
+    let mut acc = _mm256_setzero_ps();
+    let mut at = 0;
+    while at < whole {
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(load(a, at), load(b, at)));
+        at += LANES;
+    }
+    let mut tail = 0f32;
+    for i in whole..n {
+        tail += a[i] * b[i];
+    }
+    reduce_lanes(acc) + tail
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
+    let n = a.len().min(b.len());
+    let whole = n - n % LANES;
+    let mut acc = _mm256_setzero_ps();
+    let mut at = 0;
+    while at < whole {
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(load(a, at), load_f16(b, at)));
+        at += LANES;
+    }
+    let mut tail = 0f32;
+    for i in whole..n {
+        tail += a[i] * b[i].to_f32();
+    }
+    reduce_lanes(acc) + tail
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn dot4(rows: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+    let n = w.len();
+    let whole = n - n % LANES;
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut at = 0;
+    while at < whole {
+        let wv = load(w, at);
+        for (a, row) in acc.iter_mut().zip(rows) {
+            *a = _mm256_add_ps(*a, _mm256_mul_ps(load(row, at), wv));
+        }
+        at += LANES;
+    }
+    let mut out = [0f32; 4];
+    for ((o, a), row) in out.iter_mut().zip(acc).zip(rows) {
+        let mut tail = 0f32;
+        for i in whole..n {
+            tail += row[i] * w[i];
+        }
+        *o = reduce_lanes(a) + tail;
+    }
+    out
+}
+
+/// An element type the primitives widen to f32 lanes. Private to this module: `load8` is
+/// called only from `#[target_feature(enable = "avx2,f16c")]` functions, themselves reached
+/// only through an [`Avx2`] token.
+trait Wide: Copy {
+    fn to_f32(self) -> f32;
+    /// Eight elements from `at`, widened.
+    fn load8(s: &[Self], at: usize) -> __m256;
+}
+
+impl Wide for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[inline(always)]
+    fn load8(s: &[f32], at: usize) -> __m256 {
+        // SAFETY: reached only from AVX2 + F16C code (see the trait).
+        unsafe { load(s, at) }
+    }
+}
+
+impl Wide for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+
+    #[inline(always)]
+    fn load8(s: &[f16], at: usize) -> __m256 {
+        // SAFETY: reached only from AVX2 + F16C code (see the trait).
+        unsafe { load_f16(s, at) }
+    }
+}
+
+/// Four independent dots, their chains interleaved (the pairs may differ in length).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn dot_pairs<E: Wide>(a: [&[f32]; 4], b: [&[E]; 4]) -> [f32; 4] {
+    let n: [usize; 4] = std::array::from_fn(|i| a[i].len().min(b[i].len()));
+    let whole: [usize; 4] = std::array::from_fn(|i| n[i] - n[i] % LANES);
+    let common = whole.iter().copied().min().unwrap_or(0);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut at = 0;
+    while at < common {
+        for i in 0..4 {
+            acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(load(a[i], at), E::load8(b[i], at)));
+        }
+        at += LANES;
+    }
+    let mut out = [0f32; 4];
+    for i in 0..4 {
+        let mut lane_at = common;
+        while lane_at < whole[i] {
+            acc[i] = _mm256_add_ps(
+                acc[i],
+                _mm256_mul_ps(load(a[i], lane_at), E::load8(b[i], lane_at)),
+            );
+            lane_at += LANES;
+        }
+        let mut tail = 0f32;
+        for e in whole[i]..n[i] {
+            tail += a[i][e] * b[i][e].to_f32();
+        }
+        out[i] = reduce_lanes(acc[i]) + tail;
+    }
+    out
+}
+
+/// `acc[i·stride + e] += weights[i]·x[e]`, each chunk of `x` loaded (and widened) once.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn axpy_rows<E: Wide>(acc: &mut [f32], stride: usize, weights: &[f32], x: &[E]) {
+    let n = x.len();
+    let whole = n - n % LANES;
+    let mut at = 0;
+    while at < whole {
+        let xv = E::load8(x, at);
+        for (i, &w) in weights.iter().enumerate() {
+            let base = i * stride + at;
+            let sum = _mm256_add_ps(load(acc, base), _mm256_mul_ps(_mm256_set1_ps(w), xv));
+            let out = &mut acc[base..base + LANES];
+            // SAFETY: `out` is eight f32 of `acc`, written by one unaligned store.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sum) };
+        }
+        at += LANES;
+    }
+    for (i, &w) in weights.iter().enumerate() {
+        for e in whole..n {
+            acc[i * stride + e] += w * x[e].to_f32();
+        }
+    }
+}
