@@ -83,7 +83,7 @@ mod tests {
         assert_ne!(fingerprint(&a).unwrap(), fingerprint(&b).unwrap());
         assert!(matches!(
             fingerprint(dir.path().join("missing")),
-            Err(ModelError::Io { .. })
+            Err(ModelError::MissingFile { .. })
         ));
     }
 }
