@@ -198,20 +198,42 @@ fn main() {
     );
     let bandwidth = read_bandwidth();
     println!("  measured read bandwidth (2 threads summing 256 MiB): {bandwidth:.2} GB/s");
-    let lines = [
-        dense(1, DIM),
-        dense(16, DIM),
-        dense(512, DIM),
-        quantized(GgmlDType::Q8_0, 1, DIM),
-        quantized(GgmlDType::Q8_0, 16, DIM),
-        quantized(GgmlDType::Q8_0, 512, DIM),
-        quantized(GgmlDType::Q4K, 1, DIM),
-        quantized(GgmlDType::Q4K, 16, DIM),
-        attend(16, 256, 1, true),
-        attend(16, 256, 1, false),
-        attend(64, 512, 1, true),
-        attend(1, 512, 512, true),
+    // `BENCH_ONLY=attention` (a substring of the names) runs only those kernels.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let kernels: Vec<(&str, Box<dyn Fn() -> Line>)> = vec![
+        ("dense 1", Box::new(|| dense(1, DIM))),
+        ("dense 16", Box::new(|| dense(16, DIM))),
+        ("dense 512", Box::new(|| dense(512, DIM))),
+        ("q8_0 1", Box::new(|| quantized(GgmlDType::Q8_0, 1, DIM))),
+        ("q8_0 16", Box::new(|| quantized(GgmlDType::Q8_0, 16, DIM))),
+        (
+            "q8_0 512",
+            Box::new(|| quantized(GgmlDType::Q8_0, 512, DIM)),
+        ),
+        ("q4_k 1", Box::new(|| quantized(GgmlDType::Q4K, 1, DIM))),
+        ("q4_k 16", Box::new(|| quantized(GgmlDType::Q4K, 16, DIM))),
+        (
+            "attention decode f16",
+            Box::new(|| attend(16, 256, 1, true)),
+        ),
+        (
+            "attention decode f32",
+            Box::new(|| attend(16, 256, 1, false)),
+        ),
+        (
+            "attention decode f16 long",
+            Box::new(|| attend(64, 512, 1, true)),
+        ),
+        (
+            "attention prefill f16",
+            Box::new(|| attend(1, 512, 512, true)),
+        ),
     ];
+    let lines: Vec<Line> = kernels
+        .iter()
+        .filter(|(name, _)| name.contains(only.as_str()))
+        .map(|(_, run)| run())
+        .collect();
     for line in &lines {
         print(line, bandwidth);
     }

@@ -35,6 +35,10 @@ const PARALLEL_ATTENTION_WORK: usize = 1 << 18;
 /// Query rows attended together: each key and value row is read once for the whole tile.
 const ATTENTION_TILE: usize = 8;
 
+/// Rows ahead of the one being read that are prefetched: K/V rows are a few KiB, their
+/// pages scattered over the pool, which the hardware prefetcher does not follow.
+const PREFETCH_ROWS: usize = 2;
+
 /// Causal attention of `n` new rows at positions `start..start + n` over the keys and
 /// values of positions `0..start + n`, stored in `runs` of `(keys, values)` with rows of
 /// `row_len` (`n_kv_heads × head_dim`) elements, already holding the new rows. `q` is
@@ -127,6 +131,8 @@ struct Tile<'a> {
     rows: usize,
     /// Positions attended by the tile's last row (`first + rows`).
     len: usize,
+    /// Where query head `h`'s key/value head starts in a K/V row (no division per pair).
+    kv_at: Vec<usize>,
 }
 
 /// [`attention`] of the rows of one tile, the first at position `first`.
@@ -143,6 +149,7 @@ fn attend_tile<O: Ops>(
     let n_heads = shape.n_heads;
     let width = n_heads * shape.head_dim;
     let rows = out.len() / width;
+    let group = (n_heads / shape.n_kv_heads.max(1)).max(1);
     let tile = Tile {
         q,
         shape,
@@ -150,6 +157,7 @@ fn attend_tile<O: Ops>(
         first,
         rows,
         len: first + rows,
+        kv_at: (0..n_heads).map(|h| (h / group) * shape.head_dim).collect(),
     };
     let len = tile.len;
     // scores[j·pairs + t·heads + h]: position j, row t, head h (j ≤ first + t); one
@@ -213,43 +221,42 @@ fn score_run<O: Ops, E: Elem>(
     scores: &mut [f32],
     max: &mut [f32],
 ) -> usize {
-    let AttentionShape {
-        n_heads,
-        n_kv_heads,
-        head_dim: hd,
-    } = tile.shape;
-    let group = (n_heads / n_kv_heads.max(1)).max(1);
+    let n_heads = tile.shape.n_heads;
+    let hd = tile.shape.head_dim;
     let width = n_heads * hd;
+    let run_start = j;
     for key in keys.chunks_exact(tile.row_len) {
         if j >= tile.len {
             break;
         }
-        // Pair `p` is row `p / n_heads`, head `p % n_heads` (so `p` is also `th` below);
-        // four at a time, their dependency chains interleaved.
-        let pair = |p: usize| {
-            let (t, h) = (p / n_heads, p % n_heads);
-            let at = (h / group) * hd;
-            let q = &tile.q[t * width + h * hd..t * width + (h + 1) * hd];
-            (q, &key[at..at + hd])
-        };
+        let ahead = (j - run_start + PREFETCH_ROWS) * tile.row_len;
+        if ahead + tile.row_len <= keys.len() && j + PREFETCH_ROWS < tile.len {
+            ops.prefetch(&keys[ahead..ahead + tile.row_len]);
+        }
         let mut record = |th: usize, s: f32| {
             scores[j * tile.rows * n_heads + th] = s;
             max[th] = max[th].max(s);
         };
-        let end = tile.rows * n_heads;
-        let mut p = j.saturating_sub(tile.first) * n_heads;
-        while p + 4 <= end {
-            let pairs = [pair(p), pair(p + 1), pair(p + 2), pair(p + 3)];
-            let s = E::dot_pairs(ops, pairs.map(|(q, _)| q), pairs.map(|(_, k)| k));
-            for (i, s) in s.into_iter().enumerate() {
-                record(p + i, s);
+        for t in j.saturating_sub(tile.first)..tile.rows {
+            let qt = &tile.q[t * width..(t + 1) * width];
+            let q = |h: usize| &qt[h * hd..(h + 1) * hd];
+            let k = |h: usize| &key[tile.kv_at[h]..tile.kv_at[h] + hd];
+            // Four heads at a time, their dependency chains interleaved.
+            let mut h = 0;
+            while h + 4 <= n_heads {
+                let s = E::dot_pairs(
+                    ops,
+                    [q(h), q(h + 1), q(h + 2), q(h + 3)],
+                    [k(h), k(h + 1), k(h + 2), k(h + 3)],
+                );
+                for (i, s) in s.into_iter().enumerate() {
+                    record(t * n_heads + h + i, s);
+                }
+                h += 4;
             }
-            p += 4;
-        }
-        while p < end {
-            let (q, k) = pair(p);
-            record(p, E::dot(ops, q, k));
-            p += 1;
+            for h in h..n_heads {
+                record(t * n_heads + h, E::dot(ops, q(h), k(h)));
+            }
         }
         j += 1;
     }
@@ -267,21 +274,22 @@ fn weigh_run<O: Ops, E: Elem>(
     scores: &[f32],
     out: &mut [f32],
 ) -> usize {
-    let AttentionShape {
-        n_heads,
-        n_kv_heads,
-        head_dim: hd,
-    } = tile.shape;
-    let group = (n_heads / n_kv_heads.max(1)).max(1);
+    let n_heads = tile.shape.n_heads;
+    let hd = tile.shape.head_dim;
     let width = n_heads * hd;
+    let run_start = j;
     for value in values.chunks_exact(tile.row_len) {
         if j >= tile.len {
             break;
         }
+        let ahead = (j - run_start + PREFETCH_ROWS) * tile.row_len;
+        if ahead + tile.row_len <= values.len() && j + PREFETCH_ROWS < tile.len {
+            ops.prefetch(&values[ahead..ahead + tile.row_len]);
+        }
         let t0 = j.saturating_sub(tile.first);
         let count = tile.rows - t0;
         for h in 0..n_heads {
-            let at = (h / group) * hd;
+            let at = tile.kv_at[h];
             // Every row of the tile from t0 takes this head's value once, widened once.
             let mut weights = [0f32; ATTENTION_TILE];
             for (i, w) in weights[..count].iter_mut().enumerate() {

@@ -21,6 +21,8 @@ pub(crate) trait Ops: Copy + Send + Sync {
     fn axpy_rows(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f32]);
     /// [`reference::axpy_rows_f16`].
     fn axpy_rows_f16(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f16]);
+    /// A hint to bring `data` into the cache soon (no effect on any result).
+    fn prefetch<T>(self, data: &[T]);
     /// Runs `f` compiled for this instruction set: `f`'s body, inlined into a function
     /// with the set's target features, inlines the primitives in turn (no call per dot).
     fn vectorize<R>(self, f: impl FnOnce() -> R) -> R;
@@ -65,6 +67,9 @@ impl Ops for Portable {
     fn axpy_rows_f16(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f16]) {
         reference::axpy_rows_f16(acc, stride, weights, x)
     }
+
+    #[inline(always)]
+    fn prefetch<T>(self, _data: &[T]) {}
 
     #[inline(always)]
     fn vectorize<R>(self, f: impl FnOnce() -> R) -> R {

@@ -4,7 +4,8 @@
 
 use std::arch::x86_64::{
     __m128i, __m256, _mm256_add_ps, _mm256_cvtph_ps, _mm256_loadu_ps, _mm256_mul_ps,
-    _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps, _mm_loadu_si128,
+    _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps, _mm_loadu_si128, _mm_prefetch,
+    _MM_HINT_T0,
 };
 use std::sync::OnceLock;
 
@@ -12,6 +13,9 @@ use half::f16;
 
 use crate::ops::Ops;
 use crate::reference::{reduce, LANES};
+
+/// Bytes per cache line (what one prefetch brings in).
+const CACHE_LINE: usize = 64;
 
 /// Proof that this CPU has AVX2 and F16C: the only way to get one is [`Avx2::get`], which
 /// detects them at run time. Every `unsafe` call of a `#[target_feature]` function below
@@ -75,6 +79,18 @@ impl Ops for Avx2 {
     fn axpy_rows_f16(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f16]) {
         // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
         unsafe { axpy_rows(acc, stride, weights, x) }
+    }
+
+    #[inline(always)]
+    fn prefetch<T>(self, data: &[T]) {
+        let bytes = std::mem::size_of_val(data);
+        let base = data.as_ptr().cast::<i8>();
+        let mut at = 0;
+        while at < bytes {
+            // SAFETY: a prefetch is a hint that never faults; the address is inside `data`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(base.add(at)) };
+            at += CACHE_LINE;
+        }
     }
 
     #[inline(always)]
