@@ -200,7 +200,8 @@ fn main() {
     println!("  measured read bandwidth (2 threads summing 256 MiB): {bandwidth:.2} GB/s");
     // `BENCH_ONLY=attention` (a substring of the names) runs only those kernels.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    let kernels: Vec<(&str, Box<dyn Fn() -> Line>)> = vec![
+    type Kernel = (&'static str, Box<dyn Fn() -> Line>);
+    let kernels: Vec<Kernel> = vec![
         ("dense 1", Box::new(|| dense(1, DIM))),
         ("dense 16", Box::new(|| dense(16, DIM))),
         ("dense 512", Box::new(|| dense(512, DIM))),
