@@ -2,10 +2,10 @@
 //! `llama-server` on the same synthetic 134M q8_0 GGUF (`bench-134m`, see
 //! ../shared/ANCHORS.md), driven by the same client load over the OpenAI API — distinct
 //! prompts of about 120 tokens, 128 greedy tokens each, at 1, 8, 16 and 64 concurrent
-//! streams (up to 16 streams the median of 3 runs) — then the prefill of a ≈500-token
-//! prompt, and (llmos) inter-token gaps of 16 streams while a 1,500-token prompt arrives
-//! mid-run. It prints aggregate tokens/s,
-//! time to first token and inter-token gaps per server, their ratios, errors and hang
+//! streams (up to 16 streams the median of 3 rounds, each round running every level) —
+//! then the prefill of a ≈500-token prompt, and (llmos) inter-token gaps of 16 streams
+//! while a 1,500-token prompt arrives mid-run. It prints aggregate tokens/s, time to first
+//! token and inter-token gaps per server, their ratios, errors and hang
 //! detections, next to the targets of the engine-under-load issue. While one server is
 //! measured the other is stopped (SIGSTOP): idle, llama.cpp's threads poll, and would take
 //! a core from llmos (and the other way round).
@@ -472,30 +472,54 @@ fn bench() -> Res<()> {
         let _ = alone(&servers, server, || run_load(server, &warm, 8));
     }
 
-    // Concurrency levels, the two servers interleaved per run; up to 16 streams, the
-    // median of 3 runs by tokens/s (a run of one stream lasts about a second, and one noisy
-    // second on a shared 2-core machine moves every ratio measured against it).
-    let mut results: Vec<(usize, Vec<Load>)> = Vec::new();
-    for (round, &level) in levels.iter().enumerate() {
-        println!("\n{level} concurrent streams:");
-        let runs = if level <= MEDIAN_UP_TO_STREAMS { 3 } else { 1 };
-        let mut per_server: Vec<Vec<Load>> = servers.iter().map(|_| Vec::new()).collect();
-        for run in 0..runs {
-            for (i, server) in servers.iter().enumerate() {
-                // Distinct prompts for every run: llama.cpp's prompt cache must not help.
-                let p = prompts(
-                    &tokenizer,
-                    level,
-                    PROMPT_TOKENS,
-                    (round * 100 + run * 10 + i) as u64 + 1,
-                );
-                per_server[i].push(alone(&servers, server, || run_load(server, &p, max_tokens)));
-            }
+    // Concurrency levels. Up to 16 streams, three rounds each running every level on
+    // every server, and each level reports its median run by tokens/s: the rounds put
+    // the levels' runs side by side in time, so a ratio between levels (16 streams
+    // against one) compares runs made under the same conditions on a shared machine whose
+    // memory bandwidth moves from minute to minute. Above 16 streams, one run.
+    let (repeated, once): (Vec<usize>, Vec<usize>) =
+        levels.iter().partition(|&&l| l <= MEDIAN_UP_TO_STREAMS);
+    let mut schedule: Vec<(usize, usize)> = Vec::new(); // (run, level)
+    for run in 0..3 {
+        schedule.extend(repeated.iter().map(|&l| (run, l)));
+    }
+    schedule.extend(once.iter().map(|&l| (0, l)));
+    let mut runs: Vec<(usize, usize, Load)> = Vec::new(); // (level, server, load)
+    for &(run, level) in &schedule {
+        for (i, server) in servers.iter().enumerate() {
+            // Distinct prompts for every run: llama.cpp's prompt cache must not help.
+            let p = prompts(
+                &tokenizer,
+                level,
+                PROMPT_TOKENS,
+                (level * 100 + run * 10 + i) as u64 + 1,
+            );
+            let load = alone(&servers, server, || run_load(server, &p, max_tokens));
+            println!(
+                "  (run {} of {level} streams on {}: {:.1} tok/s)",
+                run + 1,
+                server.name,
+                load.tps()
+            );
+            runs.push((level, i, load));
         }
+    }
+    let mut results: Vec<(usize, Vec<Load>)> = Vec::new();
+    for &level in &levels {
+        println!("\n{level} concurrent streams:");
         let mut loads = Vec::new();
-        for (server, mut runs) in servers.iter().zip(per_server) {
-            runs.sort_by(|a, b| a.tps().total_cmp(&b.tps()));
-            let median = runs.swap_remove(runs.len() / 2);
+        for (i, server) in servers.iter().enumerate() {
+            let mut mine: Vec<Load> = Vec::new();
+            let mut k = 0;
+            while k < runs.len() {
+                if runs[k].0 == level && runs[k].1 == i {
+                    mine.push(runs.swap_remove(k).2);
+                } else {
+                    k += 1;
+                }
+            }
+            mine.sort_by(|a, b| a.tps().total_cmp(&b.tps()));
+            let median = mine.swap_remove(mine.len() / 2);
             print_load_row(server.name, level, &median);
             loads.push(median);
         }
