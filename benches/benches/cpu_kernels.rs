@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use llmos_cpu_kernels::{attention, f16, matmul_t, AttentionShape, Rows};
+use llmos_cpu_kernels::{attention, f16, matmul_t, AttentionShape, Q8_0Matrix, Rows};
 
 const THREADS: usize = 2;
 const DIM: usize = 768;
@@ -123,6 +123,24 @@ fn quantized(dtype: GgmlDType, rows: usize, n: usize) -> Line {
     }
 }
 
+fn own_q8_0(rows: usize, n: usize) -> Line {
+    let dev = Device::Cpu;
+    let w = Tensor::from_vec(random(n * DIM, 4), (n, DIM), &dev).expect("weights");
+    let q = QTensor::quantize(&w, GgmlDType::Q8_0).expect("quantize");
+    let raw = q.data().expect("q8_0 bytes");
+    let m = Q8_0Matrix::from_ggml(&raw, n, DIM).expect("repack");
+    let x = random(rows * DIM, 5);
+    let seconds = time(|| {
+        black_box(m.matmul_t(&x, rows));
+    });
+    Line {
+        name: format!("own q8_0 matmul {rows}×{DIM} · ({n}×{DIM})ᵀ"),
+        seconds,
+        bytes: (raw.len() + (rows * DIM + rows * n) * 4) as f64,
+        flops: (2 * rows * n * DIM) as f64,
+    }
+}
+
 /// `seqs` sequences of `context` positions, `rows` new rows each (decode: 1), K/V in
 /// blocks of 16 positions.
 fn attend(seqs: usize, context: usize, rows: usize, half: bool) -> Line {
@@ -200,7 +218,7 @@ fn main() {
     println!("  measured read bandwidth (2 threads summing 256 MiB): {bandwidth:.2} GB/s");
     // `BENCH_ONLY=attention` (a substring of the names) runs only those kernels.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    type Kernel = (&'static str, Box<dyn Fn() -> Line>);
+    type Kernel = (&'static str, Box<dyn Fn() -> Line + Sync>);
     let kernels: Vec<Kernel> = vec![
         ("dense 1", Box::new(|| dense(1, DIM))),
         ("dense 16", Box::new(|| dense(16, DIM))),
@@ -211,6 +229,9 @@ fn main() {
             "q8_0 512",
             Box::new(|| quantized(GgmlDType::Q8_0, 512, DIM)),
         ),
+        ("own q8_0 1", Box::new(|| own_q8_0(1, DIM))),
+        ("own q8_0 16", Box::new(|| own_q8_0(16, DIM))),
+        ("own q8_0 512", Box::new(|| own_q8_0(512, DIM))),
         ("q4_k 1", Box::new(|| quantized(GgmlDType::Q4K, 1, DIM))),
         ("q4_k 16", Box::new(|| quantized(GgmlDType::Q4K, 16, DIM))),
         (
@@ -230,11 +251,15 @@ fn main() {
             Box::new(|| attend(1, 512, 512, true)),
         ),
     ];
-    let lines: Vec<Line> = kernels
-        .iter()
-        .filter(|(name, _)| name.contains(only.as_str()))
-        .map(|(_, run)| run())
-        .collect();
+    // On a worker of the compute pool, as the engine runs its forward
+    // (`llmos_models::on_cpu_pool`): a kernel's parallel parts fork within the pool.
+    let lines: Vec<Line> = rayon::scope(|_| {
+        kernels
+            .iter()
+            .filter(|(name, _)| name.contains(only.as_str()))
+            .map(|(_, run)| run())
+            .collect()
+    });
     for line in &lines {
         print(line, bandwidth);
     }

@@ -240,3 +240,98 @@ fn the_public_entry_points_use_the_detected_isa() {
         assert_eq!(crate::isa(), crate::Isa::Avx2);
     }
 }
+
+/// Random GGML q8_0 blocks for `n` rows of `k`: f16 scales of mixed magnitude, int8
+/// weights over the whole range.
+fn ggml_q8_0(n: usize, k: usize, seed: u64) -> Vec<u8> {
+    let mut lcg = rand_like::Lcg(seed);
+    let mut bytes = Vec::new();
+    for _ in 0..n * k / crate::Q8_0_BLOCK {
+        let scale = f16::from_f32(lcg.next() * 0.05);
+        bytes.extend_from_slice(&scale.to_le_bytes());
+        for _ in 0..crate::Q8_0_BLOCK {
+            bytes.push(((lcg.next() * 127.0).round() as i8) as u8);
+        }
+    }
+    bytes
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn q8_0_matmul_is_the_reference_bit_for_bit_whatever_the_batch(
+        n in 1usize..40, blocks in 1usize..9, rows in prop_oneof![1usize..10, 30usize..45], seed in any::<u64>(),
+    ) {
+        let k = blocks * crate::Q8_0_BLOCK;
+        let raw = ggml_q8_0(n, k, seed);
+        let m = crate::Q8_0Matrix::from_ggml(&raw, n, k).unwrap();
+        let mut lcg = rand_like::Lcg(seed ^ 0x5555);
+        let x: Vec<f32> = (0..rows * k).map(|i| lcg.next() * if i % 7 == 0 { 30.0 } else { 1.0 }).collect();
+        // The reference, straight from the GGML bytes (not the packed layout).
+        let mut direct = vec![0f32; rows * n];
+        for r in 0..rows {
+            let (xq, dx) = crate::quantize_row(&x[r * k..(r + 1) * k]);
+            for c in 0..n {
+                let mut acc = 0f32;
+                for b in 0..blocks {
+                    let at = (c * blocks + b) * 34;
+                    let dw = f16::from_le_bytes([raw[at], raw[at + 1]]).to_f32();
+                    let isum: i32 = (0..32)
+                        .map(|e| i32::from(raw[at + 2 + e] as i8) * i32::from(xq[b * 32 + e]))
+                        .sum();
+                    acc += isum as f32 * (dw * dx[b]);
+                }
+                direct[r * n + c] = acc;
+            }
+        }
+        prop_assert_eq!(bits(&m.matmul_t_reference(&x, rows)), bits(&direct));
+        let fast = m.matmul_t(&x, rows);
+        prop_assert_eq!(bits(&fast), bits(&direct));
+        for r in 0..rows {
+            let alone = m.matmul_t(&x[r * k..(r + 1) * k], 1);
+            prop_assert_eq!(bits(&alone), bits(&direct[r * n..(r + 1) * n]));
+        }
+    }
+}
+
+#[test]
+fn q8_0_activation_quantisation_is_exact_to_its_definition() {
+    let x: Vec<f32> = (0..64).map(|i| (i as f32 - 20.0) * 0.37).collect();
+    let (q, d) = crate::quantize_row(&x);
+    assert_eq!(d[0], ((0.0f32 - 20.0) * 0.37).abs() / 127.0);
+    assert!(q.iter().all(|&v| (-127..=127).contains(&v)));
+    assert_eq!(q[0], -127, "the block's largest magnitude maps to ±127");
+    #[cfg(target_arch = "x86_64")]
+    if let Some(vnni) = crate::x86::Avx512Vnni::get() {
+        // The SIMD quantisation is the definition's, bit for bit, on awkward values too.
+        let mut lcg = rand_like::Lcg(77);
+        for round in 0..200 {
+            let x: Vec<f32> = (0..96)
+                .map(|i| match (round + i) % 9 {
+                    0 => 0.0,
+                    1 => -0.0,
+                    2 => lcg.next() * 1e-30,
+                    3 => (i as f32 - 48.0) * 0.5,
+                    _ => lcg.next() * (round as f32 + 1.0),
+                })
+                .collect();
+            let (q, d) = crate::quantize_row(&x);
+            let (mut u, mut s) = (vec![0u8; 96], vec![0f32; 3]);
+            vnni.quantize_row_unsigned(&x, &mut u, &mut s);
+            assert_eq!(bits(&s), bits(&d));
+            let back: Vec<i8> = u.iter().map(|&u| (i16::from(u) - 128) as i8).collect();
+            assert_eq!(back, q);
+        }
+    }
+    let zeros = crate::quantize_row(&[0.0; 32]);
+    assert_eq!((zeros.0, zeros.1), (vec![0i8; 32], vec![0.0]));
+}
+
+#[test]
+fn q8_0_matrix_rejects_malformed_sizes() {
+    assert!(crate::Q8_0Matrix::from_ggml(&[0; 34], 1, 33).is_err());
+    assert!(crate::Q8_0Matrix::from_ggml(&[0; 33], 1, 32).is_err());
+    assert!(crate::Q8_0Matrix::from_ggml(&[0; 68], 1, 32).is_err());
+    assert!(crate::Q8_0Matrix::from_ggml(&[0; 68], 2, 32).is_ok());
+}

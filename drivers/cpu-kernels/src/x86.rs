@@ -287,3 +287,160 @@ fn axpy_rows<E: Wide>(acc: &mut [f32], stride: usize, weights: &[f32], x: &[E]) 
         }
     }
 }
+
+/// Proof that this CPU has AVX-512 (F, BW) and AVX-512 VNNI, detected at run time (and
+/// `LLMOS_CPU_KERNELS` does not force the portable path).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx512Vnni {
+    _detected: (),
+}
+
+impl Avx512Vnni {
+    pub(crate) fn get() -> Option<Avx512Vnni> {
+        static DETECTED: OnceLock<Option<Avx512Vnni>> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let present = std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni");
+            (present && !crate::portable_forced()).then_some(Avx512Vnni { _detected: () })
+        })
+    }
+
+    /// Tile `t` of `matrix` (16 columns) for rows `first..first + count` of `xq`
+    /// (`count` ≤ 8), into `out` (`[count][16]`).
+    pub(crate) fn q8_0_tile(
+        self,
+        matrix: &crate::q8::Q8_0Matrix,
+        xq: &crate::q8::QuantRows,
+        first: usize,
+        count: usize,
+        t: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: an `Avx512Vnni` token exists only where the features were detected.
+        unsafe {
+            match count {
+                8 => q8_0_rows::<8>(matrix, xq, first, t, out),
+                7 => q8_0_rows::<7>(matrix, xq, first, t, out),
+                6 => q8_0_rows::<6>(matrix, xq, first, t, out),
+                5 => q8_0_rows::<5>(matrix, xq, first, t, out),
+                4 => q8_0_rows::<4>(matrix, xq, first, t, out),
+                3 => q8_0_rows::<3>(matrix, xq, first, t, out),
+                2 => q8_0_rows::<2>(matrix, xq, first, t, out),
+                1 => q8_0_rows::<1>(matrix, xq, first, t, out),
+                _ => unreachable!("at most ROW_BLOCK rows per call"),
+            }
+        }
+    }
+}
+
+/// `R` rows from `first` against the 16 columns of tile `t`: per block, eight VNNI dot
+/// products per row accumulate the exact integer sums of the 16 columns, then per lane
+/// `acc + (isum as f32) · (d_w · d_x)`, as the reference does.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn q8_0_rows<const R: usize>(
+    matrix: &crate::q8::Q8_0Matrix,
+    xq: &crate::q8::QuantRows,
+    first: usize,
+    t: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::{
+        __m512i, _mm512_add_ps, _mm512_cvtepi32_ps, _mm512_dpbusd_epi32, _mm512_loadu_ps,
+        _mm512_loadu_si512, _mm512_mul_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setzero_ps,
+        _mm512_setzero_si512, _mm512_storeu_ps, _mm512_sub_epi32,
+    };
+    let k = xq.k;
+    let blocks = matrix.blocks();
+    // Each row's quantised activations (32 per block, read as eight groups of four).
+    let rows: [&[u8]; R] =
+        std::array::from_fn(|i| &xq.unsigned[(first + i) * k..(first + i + 1) * k]);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..blocks {
+        let (scales, offsets, weights) = matrix.tile_block(t, b);
+        let mut isum = [_mm512_setzero_si512(); R];
+        let weights = &weights[..512];
+        for g in 0..8 {
+            // SAFETY: `weights` is 512 initialised bytes and `g < 8`; the load is unaligned.
+            let wv = unsafe { _mm512_loadu_si512(weights.as_ptr().add(g * 64).cast::<__m512i>()) };
+            for (sum, row) in isum.iter_mut().zip(rows) {
+                let row = &row[b * 32..b * 32 + 32];
+                // SAFETY: `row` is 32 initialised bytes and `g < 8`; the read is unaligned.
+                let four = unsafe { row.as_ptr().add(g * 4).cast::<i32>().read_unaligned() };
+                *sum = _mm512_dpbusd_epi32(*sum, _mm512_set1_epi32(four), wv);
+            }
+        }
+        // SAFETY: `scales` and `offsets` are 16 initialised f32 / i32 each.
+        let (dw, off) = unsafe {
+            (
+                _mm512_loadu_ps(scales.as_ptr()),
+                _mm512_loadu_si512(offsets.as_ptr().cast::<__m512i>()),
+            )
+        };
+        for (i, (a, sum)) in acc.iter_mut().zip(isum).enumerate() {
+            let dx = xq.scales[(first + i) * blocks + b];
+            let exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, off));
+            *a = _mm512_add_ps(
+                *a,
+                _mm512_mul_ps(exact, _mm512_mul_ps(dw, _mm512_set1_ps(dx))),
+            );
+        }
+    }
+    for (i, a) in acc.into_iter().enumerate() {
+        let o = &mut out[i * 16..i * 16 + 16];
+        // SAFETY: `o` is 16 f32 of `out`, written by one unaligned store.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), a) };
+    }
+}
+
+impl Avx512Vnni {
+    /// [`crate::quantize_row`] of `x`, stored offset by +128 (`unsigned`) with the block
+    /// scales in `scales`; bit-identical to it for finite inputs.
+    pub(crate) fn quantize_row_unsigned(self, x: &[f32], unsigned: &mut [u8], scales: &mut [f32]) {
+        // SAFETY: an `Avx512Vnni` token exists only where the features were detected.
+        unsafe { quantize_row_unsigned(x, unsigned, scales) }
+    }
+}
+
+/// Per block of 32: the exact maximum magnitude, the scale and its reciprocal in scalar
+/// code as the reference computes them, then `x · (1/d)` rounded to nearest even by the
+/// conversion (the default MXCSR mode), clamped to ±127 and offset by +128.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn quantize_row_unsigned(x: &[f32], unsigned: &mut [u8], scales: &mut [f32]) {
+    use std::arch::x86_64::{
+        __m128i, _mm512_abs_ps, _mm512_add_epi32, _mm512_cvtepi32_epi8, _mm512_cvtps_epi32,
+        _mm512_loadu_ps, _mm512_max_epi32, _mm512_max_ps, _mm512_min_epi32, _mm512_mul_ps,
+        _mm512_reduce_max_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm_storeu_si128,
+    };
+    for ((block, out), scale) in x
+        .chunks_exact(32)
+        .zip(unsigned.chunks_exact_mut(32))
+        .zip(scales.iter_mut())
+    {
+        // SAFETY: `block` is 32 initialised f32: two unaligned loads of 16.
+        let (x0, x1) = unsafe {
+            (
+                _mm512_loadu_ps(block.as_ptr()),
+                _mm512_loadu_ps(block.as_ptr().add(16)),
+            )
+        };
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+        let d = amax / 127.0;
+        let inverse = if d == 0.0 { 0.0 } else { 1.0 / d };
+        *scale = d;
+        let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
+        for (half, v) in [x0, x1].into_iter().enumerate() {
+            let q = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inverse)));
+            let q = _mm512_add_epi32(
+                _mm512_min_epi32(_mm512_max_epi32(q, lo), hi),
+                _mm512_set1_epi32(128),
+            );
+            let bytes = _mm512_cvtepi32_epi8(q);
+            let dst = &mut out[half * 16..half * 16 + 16];
+            // SAFETY: `dst` is 16 bytes of `out`, written by one unaligned store.
+            unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast::<__m128i>(), bytes) };
+        }
+    }
+}

@@ -40,7 +40,7 @@ fn request(i: usize, max_tokens: usize) -> (String, SamplingParams) {
         "and".repeat(i / OPENINGS.len())
     );
     let params = SamplingParams {
-        temperature: if i % 2 == 0 { 0.0 } else { 0.8 },
+        temperature: if i.is_multiple_of(2) { 0.0 } else { 0.8 },
         top_p: if i % 4 == 1 { 0.9 } else { 1.0 },
         top_k: if i % 4 == 3 { 40 } else { 0 },
         max_tokens,

@@ -295,7 +295,7 @@ impl ContiguousKv {
 
 /// Checks that `k` and `v` hold the same whole number of rows of `row` f32.
 pub(crate) fn check_rows(row: usize, k: &[f32], v: &[f32]) -> Result<usize, KvError> {
-    if row == 0 || k.len() % row != 0 || k.len() != v.len() {
+    if row == 0 || !k.len().is_multiple_of(row) || k.len() != v.len() {
         return Err(KvError::Shape(format!(
             "{} key and {} value floats are not whole rows of {row}",
             k.len(),

@@ -152,10 +152,10 @@ impl Preset {
                 self.name
             )))
         };
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.dim % self.n_heads != 0 {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.dim.is_multiple_of(self.n_heads) {
             return bad("dim must be a multiple of n_heads".into());
         }
-        if self.n_heads % self.n_kv_heads != 0 || self.head_dim() % 2 != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) || !self.head_dim().is_multiple_of(2) {
             return bad("n_heads must be a multiple of n_kv_heads, head_dim even".into());
         }
         if self.vocab_size < MIN_VOCAB {

@@ -33,10 +33,7 @@ impl RawLinear<'_> {
                 rows,
                 cols,
                 bytes,
-            } => Ok(Linear::Quant {
-                matmul: QMatMul::from_arc(Arc::new(qtensor(dtype, rows, cols, bytes, device)?))?,
-                dtype,
-            }),
+            } => Linear::quant(dtype, rows, cols, bytes, device),
         }
     }
 }
@@ -60,6 +57,10 @@ pub(crate) enum Linear {
     /// [`QUANT_MAX_ROWS`] per call for q4_K (more rows take an AMX path where the CPU has
     /// it). Checked bit for bit by the batch-invariance tests.
     Quant { matmul: QMatMul, dtype: GgmlDType },
+    /// q8_0 blocks through our own kernel ([`llmos_cpu_kernels::Q8_0Matrix`]: AVX-512
+    /// VNNI, activations quantised per block of 32, batch-invariant by construction),
+    /// where the CPU has it; elsewhere q8_0 goes through candle ([`Linear::Quant`]).
+    Q8_0(Arc<llmos_cpu_kernels::Q8_0Matrix>),
 }
 
 /// Rows per call of a q4_K matmul (see [`Linear::Quant`]).
@@ -76,6 +77,26 @@ impl Linear {
         })
     }
 
+    /// A projection over GGML blocks of `dtype`, `rows × cols` (the caller checks
+    /// [`aligned_for`] for candle's sake).
+    pub(crate) fn quant(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        bytes: Cow<'_, [u8]>,
+        device: &Device,
+    ) -> Result<Linear> {
+        if dtype == GgmlDType::Q8_0 && device.is_cpu() && llmos_cpu_kernels::q8_0_accelerated() {
+            let m = llmos_cpu_kernels::Q8_0Matrix::from_ggml(&bytes, rows, cols)
+                .map_err(|e| crate::error::ModelError::InvalidInput(e.to_string()))?;
+            return Ok(Linear::Q8_0(Arc::new(m)));
+        }
+        Ok(Linear::Quant {
+            matmul: QMatMul::from_arc(Arc::new(qtensor(dtype, rows, cols, bytes, device)?))?,
+            dtype,
+        })
+    }
+
     /// A dense projection sharing `w` (`[out, in]` row-major).
     pub(crate) fn shared(w: Arc<Vec<f32>>, out: usize) -> Linear {
         Linear::Dense { w, out }
@@ -89,6 +110,11 @@ impl Linear {
                 let data = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
                 let y = crate::kernels::matmul_t(&data, rows, w, *out);
                 Ok(Tensor::from_vec(y, (rows, *out), x.device())?)
+            }
+            Linear::Q8_0(m) => {
+                let data = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let y = m.matmul_t(&data, rows);
+                Ok(Tensor::from_vec(y, (rows, m.n()), x.device())?)
             }
             Linear::Quant { matmul, dtype } => {
                 if rows == 1 {
@@ -122,7 +148,7 @@ pub(crate) fn aligned_for(dtype: GgmlDType, bytes: &[u8]) -> bool {
         GgmlDType::F32 | GgmlDType::Q8K => 4,
         _ => 2,
     };
-    (bytes.as_ptr() as usize) % align == 0
+    (bytes.as_ptr() as usize).is_multiple_of(align)
 }
 
 /// A `QTensor` of shape `[rows, cols]` from raw GGML blocks.
@@ -185,11 +211,13 @@ impl Fused {
                 }
             }
             if aligned_for(dtype, &bytes) {
-                let q = qtensor(dtype, rows, cols, Cow::Owned(bytes), device)?;
-                return Ok(Fused::One(Linear::Quant {
-                    matmul: QMatMul::from_arc(Arc::new(q))?,
+                return Ok(Fused::One(Linear::quant(
                     dtype,
-                }));
+                    rows,
+                    cols,
+                    Cow::Owned(bytes),
+                    device,
+                )?));
             }
         }
         let mats = parts

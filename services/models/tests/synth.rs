@@ -95,20 +95,31 @@ fn every_gguf_storage_type_matches_the_reference_and_stays_near_f32() {
             q.model.config().weight_type,
             format!("{dtype:?}").to_lowercase()
         );
-        // Same file, same kernels: our forward and candle-transformers' agree closely.
         let ours = forced_trace(&q.model, PROMPT, &forced);
         let theirs = reference_trace(&path, PROMPT, &forced);
+        let f = load_gguf(&base, &Device::Cpu).unwrap();
+        let exact = forced_trace(&f.model, PROMPT, &[]);
+        let own_kernel = dtype == GgmlDType::Q8_0 && llmos_cpu_kernels::q8_0_accelerated();
         for (i, (x, y)) in ours.iter().zip(&theirs).enumerate() {
             assert!(all_finite(x), "{dtype:?}");
             let r = rel_diff(x, y);
-            assert!(
-                r < 1e-3,
-                "{dtype:?} step {i}: relative difference to reference {r}"
-            );
+            if own_kernel {
+                // Our q8_0 kernel rounds activations and sums blocks otherwise than
+                // candle's (its accuracy is checked in q8_0_accuracy.rs); on this tiny
+                // random model the logits differ by that rounding, amplified.
+                assert!(
+                    r < 0.05,
+                    "{dtype:?} step {i}: relative difference to reference {r}"
+                );
+            } else {
+                // Same file, same kernels: our forward and candle-transformers' agree.
+                assert!(
+                    r < 1e-3,
+                    "{dtype:?} step {i}: relative difference to reference {r}"
+                );
+            }
         }
         // Quantization error stays that of the storage type.
-        let f = load_gguf(&base, &Device::Cpu).unwrap();
-        let exact = forced_trace(&f.model, PROMPT, &[]);
         let c = cosine(&ours[0], &exact[0]);
         assert!(
             c > min_cos,
