@@ -1,5 +1,6 @@
 //! q8_0 matmul `x · Wᵀ` over GGML q8_0 weights, repacked at load so one AVX-512 VNNI
-//! instruction multiplies sixteen output columns' int8 weights by four int8 activations.
+//! instruction multiplies sixteen output columns' int8 weights by four int8 activations
+//! (AVX2 without VNNI: `maddubs` on the weights' magnitudes, the same integer sums).
 //! Activations are quantised per block of 32 (as llama.cpp does), the integer dot of a
 //! block is exact, and each output element accumulates its blocks in order:
 //! `acc += (isum as f32) · (d_w · d_x)` — a product, a product, then a sum, never fused —
@@ -38,11 +39,11 @@ impl std::fmt::Display for Q8_0Error {
 
 impl std::error::Error for Q8_0Error {}
 
-/// Whether this CPU runs [`Q8_0Matrix`] with SIMD (AVX-512 VNNI). Without it the matrix
+/// Whether this CPU runs [`Q8_0Matrix`] with SIMD (AVX-512 VNNI, else AVX2). Without it the matrix
 /// still computes, on the scalar reference (slow: callers may prefer another kernel).
 pub fn q8_0_accelerated() -> bool {
     #[cfg(target_arch = "x86_64")]
-    if crate::x86::Avx512Vnni::get().is_some() {
+    if crate::x86::Avx512Vnni::get().is_some() || crate::x86::Avx2::get().is_some() {
         return true;
     }
     false
@@ -151,7 +152,19 @@ impl Q8_0Matrix {
                 vnni.q8_0_tile(self, xq, first, count, t, out)
             });
         }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(avx2) = crate::x86::Avx2::get() {
+            return self.matmul_t_avx2(avx2, x, rows);
+        }
         self.matmul_t_reference(x, rows)
+    }
+
+    /// [`Q8_0Matrix::matmul_t`] on the AVX2 path whatever else the CPU has.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn matmul_t_avx2(&self, avx2: crate::x86::Avx2, x: &[f32], rows: usize) -> Vec<f32> {
+        self.matmul_t_with(x, rows, |xq, first, count, t, out| {
+            avx2.q8_0_tile(self, xq, first, count, t, out)
+        })
     }
 
     /// The scalar definition: activations quantised by [`quantize_row`], then per element

@@ -288,6 +288,10 @@ proptest! {
         prop_assert_eq!(bits(&m.matmul_t_reference(&x, rows)), bits(&direct));
         let fast = m.matmul_t(&x, rows);
         prop_assert_eq!(bits(&fast), bits(&direct));
+        #[cfg(target_arch = "x86_64")]
+        if let Some(avx2) = crate::x86::Avx2::get() {
+            prop_assert_eq!(bits(&m.matmul_t_avx2(avx2, &x, rows)), bits(&direct));
+        }
         for r in 0..rows {
             let alone = m.matmul_t(&x[r * k..(r + 1) * k], 1);
             prop_assert_eq!(bits(&alone), bits(&direct[r * n..(r + 1) * n]));

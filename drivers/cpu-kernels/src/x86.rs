@@ -444,3 +444,93 @@ fn quantize_row_unsigned(x: &[f32], unsigned: &mut [u8], scales: &mut [f32]) {
         }
     }
 }
+
+impl Avx2 {
+    /// [`Avx512Vnni::q8_0_tile`] for CPUs with AVX2 but not AVX-512 VNNI: the same integer
+    /// sums (by `maddubs` on `|w|` and the activations carrying `w`'s sign), the same
+    /// float operations per output element.
+    pub(crate) fn q8_0_tile(
+        self,
+        matrix: &crate::q8::Q8_0Matrix,
+        xq: &crate::q8::QuantRows,
+        first: usize,
+        count: usize,
+        t: usize,
+        out: &mut [f32],
+    ) {
+        let mut r = 0;
+        while r < count {
+            let n = (count - r).min(4);
+            let o = &mut out[r * 16..(r + n) * 16];
+            // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+            unsafe {
+                match n {
+                    4 => q8_0_rows_avx2::<4>(matrix, xq, first + r, t, o),
+                    3 => q8_0_rows_avx2::<3>(matrix, xq, first + r, t, o),
+                    2 => q8_0_rows_avx2::<2>(matrix, xq, first + r, t, o),
+                    _ => q8_0_rows_avx2::<1>(matrix, xq, first + r, t, o),
+                }
+            }
+            r += n;
+        }
+    }
+}
+
+/// `R` rows from `first` against tile `t`, eight columns (one half of the tile) at a time.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn q8_0_rows_avx2<const R: usize>(
+    matrix: &crate::q8::Q8_0Matrix,
+    xq: &crate::q8::QuantRows,
+    first: usize,
+    t: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::{
+        __m256i, _mm256_add_epi32, _mm256_cvtepi32_ps, _mm256_loadu_si256, _mm256_madd_epi16,
+        _mm256_maddubs_epi16, _mm256_set1_epi16, _mm256_set1_epi32, _mm256_setzero_si256,
+        _mm256_sign_epi8,
+    };
+    let k = xq.k;
+    let blocks = matrix.blocks();
+    let rows: [&[u8]; R] =
+        std::array::from_fn(|i| &xq.unsigned[(first + i) * k..(first + i + 1) * k]);
+    let ones = _mm256_set1_epi16(1);
+    for half in 0..2 {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
+            let (scales, _, weights) = matrix.tile_block(t, b);
+            let weights = &weights[..512];
+            let mut isum = [_mm256_setzero_si256(); R];
+            for g in 0..8 {
+                let at = g * 64 + half * 32;
+                // SAFETY: `weights` is 512 initialised bytes and `at + 32 <= 512`; unaligned.
+                let w = unsafe { _mm256_loadu_si256(weights.as_ptr().add(at).cast::<__m256i>()) };
+                let magnitude = _mm256_sign_epi8(w, w);
+                for (sum, row) in isum.iter_mut().zip(rows) {
+                    let row = &row[b * 32..b * 32 + 32];
+                    // SAFETY: `row` is 32 initialised bytes and `g < 8`; the read is unaligned.
+                    let four = unsafe { row.as_ptr().add(g * 4).cast::<u32>().read_unaligned() };
+                    // Back from offset-by-128 to signed, then carrying the weights' signs.
+                    let signed = _mm256_set1_epi32((four ^ 0x8080_8080) as i32);
+                    let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(signed, w));
+                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            let dw = load(scales, half * 8);
+            for (i, (a, sum)) in acc.iter_mut().zip(isum).enumerate() {
+                let dx = xq.scales[(first + i) * blocks + b];
+                let exact = _mm256_cvtepi32_ps(sum);
+                *a = _mm256_add_ps(
+                    *a,
+                    _mm256_mul_ps(exact, _mm256_mul_ps(dw, _mm256_set1_ps(dx))),
+                );
+            }
+        }
+        for (i, a) in acc.into_iter().enumerate() {
+            let o = &mut out[i * 16 + half * 8..i * 16 + half * 8 + 8];
+            // SAFETY: `o` is 8 f32 of `out`, written by one unaligned store.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), a) };
+        }
+    }
+}

@@ -58,8 +58,9 @@ pub(crate) enum Linear {
     /// it). Checked bit for bit by the batch-invariance tests.
     Quant { matmul: QMatMul, dtype: GgmlDType },
     /// q8_0 blocks through our own kernel ([`llmos_cpu_kernels::Q8_0Matrix`]: AVX-512
-    /// VNNI, activations quantised per block of 32, batch-invariant by construction),
-    /// where the CPU has it; elsewhere q8_0 goes through candle ([`Linear::Quant`]).
+    /// VNNI or AVX2, activations quantised per block of 32, batch-invariant by
+    /// construction), where the CPU has one; elsewhere q8_0 goes through candle
+    /// ([`Linear::Quant`]).
     Q8_0(Arc<llmos_cpu_kernels::Q8_0Matrix>),
 }
 
