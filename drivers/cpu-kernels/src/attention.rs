@@ -217,22 +217,14 @@ fn score_run<O: Ops, E: Elem>(
     ops: O,
     tile: &Tile<'_>,
     keys: &[E],
-    mut j: usize,
+    j: usize,
     scores: &mut [f32],
     max: &mut [f32],
 ) -> usize {
     let n_heads = tile.shape.n_heads;
     let hd = tile.shape.head_dim;
     let width = n_heads * hd;
-    let run_start = j;
-    for key in keys.chunks_exact(tile.row_len) {
-        if j >= tile.len {
-            break;
-        }
-        let ahead = (j - run_start + PREFETCH_ROWS) * tile.row_len;
-        if ahead + tile.row_len <= keys.len() && j + PREFETCH_ROWS < tile.len {
-            ops.prefetch(&keys[ahead..ahead + tile.row_len]);
-        }
+    each_row(ops, tile, keys, j, |j, key| {
         let mut record = |th: usize, s: f32| {
             scores[j * tile.rows * n_heads + th] = s;
             max[th] = max[th].max(s);
@@ -258,9 +250,7 @@ fn score_run<O: Ops, E: Elem>(
                 record(t * n_heads + h, E::dot(ops, q(h), k(h)));
             }
         }
-        j += 1;
-    }
-    j
+    })
 }
 
 /// Adds the values of one run, whose first row is position `j`, weighted by the tile's
@@ -270,22 +260,14 @@ fn weigh_run<O: Ops, E: Elem>(
     ops: O,
     tile: &Tile<'_>,
     values: &[E],
-    mut j: usize,
+    j: usize,
     scores: &[f32],
     out: &mut [f32],
 ) -> usize {
     let n_heads = tile.shape.n_heads;
     let hd = tile.shape.head_dim;
     let width = n_heads * hd;
-    let run_start = j;
-    for value in values.chunks_exact(tile.row_len) {
-        if j >= tile.len {
-            break;
-        }
-        let ahead = (j - run_start + PREFETCH_ROWS) * tile.row_len;
-        if ahead + tile.row_len <= values.len() && j + PREFETCH_ROWS < tile.len {
-            ops.prefetch(&values[ahead..ahead + tile.row_len]);
-        }
+    each_row(ops, tile, values, j, |j, value| {
         let t0 = j.saturating_sub(tile.first);
         let count = tile.rows - t0;
         for h in 0..n_heads {
@@ -303,6 +285,29 @@ fn weigh_run<O: Ops, E: Elem>(
                 &value[at..at + hd],
             );
         }
+    })
+}
+
+/// Calls `f(position, row)` for the rows of one run from position `j` up to the tile's
+/// last, prefetching a few rows ahead; returns the position after the last one used.
+#[inline(always)]
+fn each_row<O: Ops, E: Elem>(
+    ops: O,
+    tile: &Tile<'_>,
+    run: &[E],
+    mut j: usize,
+    mut f: impl FnMut(usize, &[E]),
+) -> usize {
+    let run_start = j;
+    for row in run.chunks_exact(tile.row_len) {
+        if j >= tile.len {
+            break;
+        }
+        let ahead = (j - run_start + PREFETCH_ROWS) * tile.row_len;
+        if ahead + tile.row_len <= run.len() && j + PREFETCH_ROWS < tile.len {
+            ops.prefetch(&run[ahead..ahead + tile.row_len]);
+        }
+        f(j, row);
         j += 1;
     }
     j

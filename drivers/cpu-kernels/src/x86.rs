@@ -48,7 +48,7 @@ impl Ops for Avx2 {
     #[inline(always)]
     fn dot_f16(self, a: &[f32], b: &[f16]) -> f32 {
         // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
-        unsafe { dot_f16(a, b) }
+        unsafe { dot(a, b) }
     }
 
     #[inline(always)]
@@ -133,33 +133,16 @@ fn load_f16(s: &[f16], at: usize) -> __m256 {
     _mm256_cvtph_ps(raw)
 }
 
+/// The reference's dot product of f32 `a` against `b` (f32 or f16, widened exactly).
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<E: Wide>(a: &[f32], b: &[E]) -> f32 {
     let n = a.len().min(b.len());
     let whole = n - n % LANES;
     let mut acc = _mm256_setzero_ps();
     let mut at = 0;
     while at < whole {
-        acc = _mm256_add_ps(acc, _mm256_mul_ps(load(a, at), load(b, at)));
-        at += LANES;
-    }
-    let mut tail = 0f32;
-    for i in whole..n {
-        tail += a[i] * b[i];
-    }
-    reduce_lanes(acc) + tail
-}
-
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
-    let n = a.len().min(b.len());
-    let whole = n - n % LANES;
-    let mut acc = _mm256_setzero_ps();
-    let mut at = 0;
-    while at < whole {
-        acc = _mm256_add_ps(acc, _mm256_mul_ps(load(a, at), load_f16(b, at)));
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(load(a, at), E::load8(b, at)));
         at += LANES;
     }
     let mut tail = 0f32;
