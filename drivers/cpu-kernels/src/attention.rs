@@ -3,10 +3,9 @@
 //! depend on the chunk it arrived in, the rows sharing its tile, or the pool's layout.
 
 use half::f16;
-use rayon::prelude::*;
 
 use crate::ops::{Elem, Ops};
-use crate::{with_ops, Dispatch};
+use crate::{for_each_chunk, with_ops, Dispatch};
 
 /// Shape of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -110,15 +109,8 @@ pub(crate) fn attention_with<O: Ops>(
         )
     };
     let work = rows * width * (start + rows);
-    if work < PARALLEL_ATTENTION_WORK || rows < 2 {
-        out.chunks_mut(ATTENTION_TILE * width)
-            .enumerate()
-            .for_each(tile);
-    } else {
-        out.par_chunks_mut(ATTENTION_TILE * width)
-            .enumerate()
-            .for_each(tile);
-    }
+    let parallel = work >= PARALLEL_ATTENTION_WORK && rows >= 2;
+    for_each_chunk(out, ATTENTION_TILE * width, parallel, tile);
 }
 
 /// What one tile's pass over the keys needs.

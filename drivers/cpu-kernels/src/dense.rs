@@ -1,10 +1,8 @@
 //! Dense `x·wᵀ` (f32 weights): whole output columns per parallel task, each weight row
 //! read once for a tile of four input rows; element `(r, c)` is exactly `dot(x[r], w[c])`.
 
-use rayon::prelude::*;
-
 use crate::ops::Ops;
-use crate::{with_ops, Dispatch};
+use crate::{for_each_chunk, with_ops, Dispatch};
 
 /// Output columns per parallel work item.
 const COLUMNS_PER_TASK: usize = 16;
@@ -55,17 +53,8 @@ pub(crate) fn matmul_t_with<O: Ops>(
             || columns_task(ops, x, rows, k, w, task * COLUMNS_PER_TASK, out),
         )
     };
-    if rows * n * k < PARALLEL_MATMUL_WORK {
-        by_column
-            .chunks_mut(COLUMNS_PER_TASK * rows)
-            .enumerate()
-            .for_each(columns);
-    } else {
-        by_column
-            .par_chunks_mut(COLUMNS_PER_TASK * rows)
-            .enumerate()
-            .for_each(columns);
-    }
+    let parallel = rows * n * k >= PARALLEL_MATMUL_WORK;
+    for_each_chunk(&mut by_column, COLUMNS_PER_TASK * rows, parallel, columns);
     let mut out = vec![0f32; rows * n];
     for (c, column) in by_column.chunks_exact(rows).enumerate() {
         for (r, value) in column.iter().enumerate() {

@@ -88,6 +88,23 @@ trait Dispatch<R> {
     fn run<O: Ops>(self, ops: O) -> R;
 }
 
+/// Calls `f((index, chunk))` for each `size`-element chunk of `data`, across rayon's
+/// current pool when `parallel` (work too small to be worth the hand-off stays on the
+/// calling thread).
+fn for_each_chunk<T: Send>(
+    data: &mut [T],
+    size: usize,
+    parallel: bool,
+    f: impl Fn((usize, &mut [T])) + Send + Sync,
+) {
+    use rayon::prelude::*;
+    if parallel {
+        data.par_chunks_mut(size).enumerate().for_each(f);
+    } else {
+        data.chunks_mut(size).enumerate().for_each(f);
+    }
+}
+
 /// `Σ a[i]·b[i]` over the shorter length, in the contract's order ([`reference::dot`]).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     struct Dot<'a>(&'a [f32], &'a [f32]);

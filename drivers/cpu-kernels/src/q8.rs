@@ -10,6 +10,8 @@
 use half::f16;
 use rayon::prelude::*;
 
+use crate::for_each_chunk;
+
 /// Elements per q8_0 block.
 pub const Q8_0_BLOCK: usize = 32;
 /// Bytes per GGML q8_0 block: an f16 scale, then 32 int8.
@@ -219,15 +221,7 @@ impl Q8_0Matrix {
                     }
                 }
             };
-            if parallel {
-                out.par_chunks_mut(ROW_BLOCK * n)
-                    .enumerate()
-                    .for_each(rows_task);
-            } else {
-                out.chunks_mut(ROW_BLOCK * n)
-                    .enumerate()
-                    .for_each(rows_task);
-            }
+            for_each_chunk(&mut out, ROW_BLOCK * n, parallel, rows_task);
             return out;
         }
         // by_tile[t][r][j]: tile t, row r, column j of the tile.
@@ -249,17 +243,12 @@ impl Q8_0Matrix {
                 }
             }
         };
-        if parallel {
-            by_tile
-                .par_chunks_mut(TILES_PER_TASK * rows * TILE)
-                .enumerate()
-                .for_each(tiles_task);
-        } else {
-            by_tile
-                .chunks_mut(TILES_PER_TASK * rows * TILE)
-                .enumerate()
-                .for_each(tiles_task);
-        }
+        for_each_chunk(
+            &mut by_tile,
+            TILES_PER_TASK * rows * TILE,
+            parallel,
+            tiles_task,
+        );
         for (t, stripe) in by_tile.chunks_exact(rows * TILE).enumerate() {
             let cols = TILE.min(n - t * TILE);
             for r in 0..rows {
@@ -308,11 +297,17 @@ impl QuantRows {
             if let Some(vnni) = crate::x86::Avx512Vnni::get() {
                 return vnni.quantize_row_unsigned(x, u, d);
             }
-            let (q, scale) = quantize_row(x);
-            for (u, q) in u.iter_mut().zip(q) {
-                *u = (i16::from(q) + 128) as u8;
+            for ((block, u), d) in x
+                .chunks_exact(Q8_0_BLOCK)
+                .zip(u.chunks_exact_mut(Q8_0_BLOCK))
+                .zip(d.iter_mut())
+            {
+                let (q, scale) = quantize_block(block);
+                for (u, q) in u.iter_mut().zip(q) {
+                    *u = (i16::from(q) + 128) as u8;
+                }
+                *d = scale;
             }
-            d.copy_from_slice(&scale);
         };
         if parallel && rows > 1 {
             unsigned
@@ -339,20 +334,24 @@ impl QuantRows {
 /// (ties to even, via the reciprocal `1/d`, clamped to ±127; a block of zeros has `d = 0`).
 /// Defined for finite inputs.
 pub fn quantize_row(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
-    let mut q = vec![0i8; x.len()];
-    let mut d = vec![0f32; x.len() / Q8_0_BLOCK];
-    for (b, (block, qb)) in x
-        .chunks_exact(Q8_0_BLOCK)
-        .zip(q.chunks_exact_mut(Q8_0_BLOCK))
-        .enumerate()
-    {
-        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = amax / 127.0;
-        let inverse = if scale == 0.0 { 0.0 } else { 1.0 / scale };
-        for (qi, &v) in qb.iter_mut().zip(block) {
-            *qi = (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8;
-        }
-        d[b] = scale;
+    let mut q = Vec::with_capacity(x.len());
+    let mut d = Vec::with_capacity(x.len() / Q8_0_BLOCK);
+    for block in x.chunks_exact(Q8_0_BLOCK) {
+        let (qb, scale) = quantize_block(block);
+        q.extend_from_slice(&qb);
+        d.push(scale);
     }
     (q, d)
+}
+
+/// [`quantize_row`] of one block of 32.
+fn quantize_block(block: &[f32]) -> ([i8; Q8_0_BLOCK], f32) {
+    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    let inverse = if scale == 0.0 { 0.0 } else { 1.0 / scale };
+    let mut q = [0i8; Q8_0_BLOCK];
+    for (qi, &v) in q.iter_mut().zip(block) {
+        *qi = (v * inverse).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    (q, scale)
 }

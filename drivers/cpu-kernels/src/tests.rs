@@ -26,13 +26,15 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-/// Runs `check` with every instruction set this CPU has (the reference always).
-fn each_isa(mut check: impl FnMut(&dyn Fn(&mut dyn FnMut(Isas)))) {
-    check(&|f| f(Isas::Portable(Portable)));
+/// Every instruction set this CPU has (the reference always).
+fn isas() -> Vec<Isas> {
+    #[allow(unused_mut)]
+    let mut isas = vec![Isas::Portable(Portable)];
     #[cfg(target_arch = "x86_64")]
     if let Some(avx2) = crate::x86::Avx2::get() {
-        check(&|f| f(Isas::Avx2(avx2)));
+        isas.push(Isas::Avx2(avx2));
     }
+    isas
 }
 
 /// One instruction set, as a value the checks can match on.
@@ -112,10 +114,10 @@ proptest! {
         // The f16 path equals the f32 one on the widened values.
         let widened: Vec<f32> = bh.iter().map(|x| x.to_f32()).collect();
         prop_assert_eq!(expected_f16, reference::dot(&a, &widened).to_bits());
-        each_isa(|run| run(&mut |isa| with_isa!(isa, |ops| {
+        for isa in isas() { with_isa!(isa, |ops| {
             assert_eq!(ops.dot(&a, &b).to_bits(), expected);
             assert_eq!(ops.dot_f16(&a, &bh).to_bits(), expected_f16);
-        })));
+        }) }
     }
 
     #[test]
@@ -147,7 +149,7 @@ proptest! {
         for (i, &wi) in weights.iter().enumerate() {
             reference::axpy_f16(&mut rows_f16_ref[i * stride..i * stride + n], wi, &wh);
         }
-        each_isa(|run| run(&mut |isa| with_isa!(isa, |ops| {
+        for isa in isas() { with_isa!(isa, |ops| {
             assert_eq!(bits(&ops.dot4(rows, wn)), expected);
             assert_eq!(bits(&ops.dot_pairs(pa, pb)), pairs_ref);
             assert_eq!(bits(&ops.dot_pairs_f16(pa, pb_h)), pairs_f16_ref);
@@ -157,7 +159,7 @@ proptest! {
             let mut acc = acc0.clone();
             ops.axpy_rows_f16(&mut acc, stride, &weights, &wh);
             assert_eq!(bits(&acc), bits(&rows_f16_ref));
-        })));
+        }) }
     }
 
     #[test]
@@ -171,14 +173,14 @@ proptest! {
             .flat_map(|r| (0..n).map(move |c| (r, c)))
             .map(|(r, c)| reference::dot(&x[r * k..(r + 1) * k], &w[c * k..(c + 1) * k]).to_bits())
             .collect();
-        each_isa(|run| run(&mut |isa| with_isa!(isa, |ops| {
+        for isa in isas() { with_isa!(isa, |ops| {
             assert_eq!(bits(&matmul_t_with(ops, &x, rows, &w, n)), expected);
             // Each row alone gives the same bits as in the batch.
             for r in 0..rows {
                 let alone = matmul_t_with(ops, &x[r * k..(r + 1) * k], 1, &w, n);
                 assert_eq!(bits(&alone), expected[r * n..(r + 1) * n].to_vec());
             }
-        })));
+        }) }
     }
 
     #[test]
@@ -203,7 +205,7 @@ proptest! {
             attention_with(Portable, &q[p * width..(p + 1) * width], &runs(p + 1, len), row, p, shape,
                 &mut alone[p * width..(p + 1) * width]);
         }
-        each_isa(|run_isa| run_isa(&mut |isa| with_isa!(isa, |ops| {
+        for isa in isas() { with_isa!(isa, |ops| {
             let mut start = 0;
             while start < len {
                 let count = chunk.min(len - start);
@@ -213,7 +215,7 @@ proptest! {
                 assert_eq!(bits(&out), bits(&alone[start * width..(start + count) * width]));
                 start += count;
             }
-        })));
+        }) }
     }
 }
 
