@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use llmos_cpu_kernels::{attention, f16, matmul_t, AttentionShape, Q8_0Matrix, Rows};
+use llmos_cpu_kernels::{attention, f16, matmul_t, AttentionShape, Q8Matrix, Rows};
 
 const THREADS: usize = 2;
 const DIM: usize = 768;
@@ -128,7 +128,7 @@ fn own_q8_0(rows: usize, n: usize) -> Line {
     let w = Tensor::from_vec(random(n * DIM, 4), (n, DIM), &dev).expect("weights");
     let q = QTensor::quantize(&w, GgmlDType::Q8_0).expect("quantize");
     let raw = q.data().expect("q8_0 bytes");
-    let m = Q8_0Matrix::from_ggml(&raw, n, DIM).expect("repack");
+    let m = Q8Matrix::from_ggml(llmos_cpu_kernels::Q8Format::Q8_0, &raw, n, DIM).expect("repack");
     let x = random(rows * DIM, 5);
     let seconds = time(|| {
         black_box(m.matmul_t(&x, rows));

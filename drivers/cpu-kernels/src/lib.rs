@@ -26,6 +26,7 @@
 mod attention;
 mod dense;
 mod ops;
+mod q4;
 mod q8;
 pub mod reference;
 #[cfg(test)]
@@ -36,7 +37,8 @@ mod x86;
 pub use attention::{attention, AttentionShape, Rows};
 pub use dense::matmul_t;
 pub use half::f16;
-pub use q8::{q8_0_accelerated, quantize_row, Q8_0Error, Q8_0Matrix, Q8_0_BLOCK};
+pub use q4::{Q4Format, Q4Matrix};
+pub use q8::{quantize_row, quantized_accelerated, Q8Format, Q8Matrix, QuantError, Q8_0_BLOCK};
 
 use ops::Ops;
 

@@ -5,7 +5,7 @@
 //! block is exact, and each output element accumulates its blocks in order:
 //! `acc += (isum as f32) · (d_w · d_x)` — a product, a product, then a sum, never fused —
 //! so row `r`'s result depends only on row `r` (batch-invariant by construction) and the
-//! SIMD path equals [`Q8_0Matrix::matmul_t_reference`] bit for bit.
+//! SIMD path equals [`Q8Matrix::matmul_t_reference`] bit for bit.
 
 use half::f16;
 use rayon::prelude::*;
@@ -29,21 +29,21 @@ const ROWS_SPLIT_FROM: usize = 32;
 /// Multiply-adds below which the product runs on the calling thread.
 const PARALLEL_WORK: usize = 1 << 16;
 
-/// A malformed q8_0 matrix.
+/// Malformed GGML blocks handed to a packed matrix (q8_0, q4_0, q4_1, q4_K, q6_K).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Q8_0Error(pub String);
+pub struct QuantError(pub String);
 
-impl std::fmt::Display for Q8_0Error {
+impl std::fmt::Display for QuantError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "q8_0 matrix: {}", self.0)
+        write!(f, "quantized matrix: {}", self.0)
     }
 }
 
-impl std::error::Error for Q8_0Error {}
+impl std::error::Error for QuantError {}
 
-/// Whether this CPU runs [`Q8_0Matrix`] with SIMD (AVX-512 VNNI, else AVX2). Without it the matrix
+/// Whether this CPU runs [`Q8Matrix`] with SIMD (AVX-512 VNNI, else AVX2). Without it the matrix
 /// still computes, on the scalar reference (slow: callers may prefer another kernel).
-pub fn q8_0_accelerated() -> bool {
+pub fn quantized_accelerated() -> bool {
     #[cfg(target_arch = "x86_64")]
     if crate::x86::Avx512Vnni::get().is_some() || crate::x86::Avx2::get().is_some() {
         return true;
@@ -51,68 +51,147 @@ pub fn q8_0_accelerated() -> bool {
     false
 }
 
-/// A q8_0 weight matrix `[n, k]` (one output column per row of the GGML tensor), repacked
-/// in tiles of 16 columns.
+/// The GGML formats with 8-bit-or-narrower signed weights that [`Q8Matrix`] reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Q8Format {
+    /// 32 weights: f16 `d`, 32 int8; `w = d·q`.
+    Q8_0,
+    /// 256 weights: 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 scales, f16
+    /// `d`; sub-block `s` of 16: `w = d·sc_s·(q − 32)` (`d·sc_s` exact in f32).
+    Q6K,
+}
+
+impl Q8Format {
+    /// (elements, bytes) of one GGML block.
+    fn block(self) -> (usize, usize) {
+        match self {
+            Q8Format::Q8_0 => (Q8_0_BLOCK, GGML_BLOCK_BYTES),
+            Q8Format::Q6K => (256, 210),
+        }
+    }
+
+    /// Sub-blocks (each with its own scale) per block of 32.
+    fn sub_blocks(self) -> usize {
+        match self {
+            Q8Format::Q8_0 => 1,
+            Q8Format::Q6K => 2,
+        }
+    }
+
+    /// One GGML block's weights and the scale of each of its sub-blocks.
+    fn decode(self, bytes: &[u8], weights: &mut [i8], scales: &mut [f32]) {
+        let half = |at: usize| f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
+        match self {
+            Q8Format::Q8_0 => {
+                scales[0] = half(0);
+                for (w, &b) in weights.iter_mut().zip(&bytes[2..]) {
+                    *w = b as i8;
+                }
+            }
+            Q8Format::Q6K => {
+                let (low, high, sub_scales) = (&bytes[..128], &bytes[128..192], &bytes[192..208]);
+                let d = half(208);
+                for (scale, &sc) in scales.iter_mut().zip(sub_scales) {
+                    *scale = d * f32::from(sc as i8);
+                }
+                for c in 0..2 {
+                    let (low, high) = (&low[64 * c..64 * c + 64], &high[32 * c..32 * c + 32]);
+                    let out = &mut weights[128 * c..128 * c + 128];
+                    for l in 0..32 {
+                        let six = |nibble: u8, shift: u32| {
+                            ((nibble & 15) | (((high[l] >> shift) & 3) << 4)) as i8 - 32
+                        };
+                        out[l] = six(low[l], 0);
+                        out[l + 32] = six(low[l + 32], 2);
+                        out[l + 64] = six(low[l] >> 4, 4);
+                        out[l + 96] = six(low[l + 32] >> 4, 6);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A weight matrix `[n, k]` of int8 weights with a scale per block of 32 (q8_0) or 16
+/// (q6_K), one output column per row of the GGML tensor, repacked in tiles of 16 columns.
 #[derive(Clone)]
-pub struct Q8_0Matrix {
+pub struct Q8Matrix {
     n: usize,
     k: usize,
     blocks: usize,
     tiles: usize,
-    /// `[tile][block][16]`: the columns' scales, widened from f16 (exact).
+    /// Sub-blocks per block of 32 (1 or 2), each with its own scale.
+    sub: usize,
+    /// `[tile][block][sub-block][16]`: the columns' scales (exact in f32).
     scales: Vec<f32>,
-    /// `[tile][block][16]`: 128 × the sum of the column's block weights (the VNNI path
-    /// multiplies activations offset by +128 to make them unsigned).
+    /// `[tile][block][sub-block][16]`: 128 × the sum of the column's sub-block weights
+    /// (the VNNI path multiplies activations offset by +128 to make them unsigned).
     offsets: Vec<i32>,
     /// `[tile][block][group of 4][16 columns][4]`: the int8 weights, interleaved so that
     /// one 64-byte load holds four consecutive weights of each of the 16 columns.
     weights: Vec<i8>,
 }
 
-impl std::fmt::Debug for Q8_0Matrix {
+impl std::fmt::Debug for Q8Matrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q8_0Matrix({}×{})", self.n, self.k)
+        write!(f, "Q8Matrix({}×{})", self.n, self.k)
     }
 }
 
-impl Q8_0Matrix {
-    /// Repacks GGML q8_0 blocks: `n` rows of `k` elements (`k` a multiple of 32), each row
-    /// `k/32` blocks of 34 bytes.
-    pub fn from_ggml(bytes: &[u8], n: usize, k: usize) -> Result<Self, Q8_0Error> {
-        if k == 0 || !k.is_multiple_of(Q8_0_BLOCK) {
-            return Err(Q8_0Error(format!(
-                "row length {k} is not a positive multiple of 32"
+impl Q8Matrix {
+    /// Repacks GGML blocks of `format`: `n` rows of `k` elements, each row whole blocks.
+    pub fn from_ggml(
+        format: Q8Format,
+        bytes: &[u8],
+        n: usize,
+        k: usize,
+    ) -> Result<Self, QuantError> {
+        let (block_len, block_bytes) = format.block();
+        if k == 0 || !k.is_multiple_of(block_len) {
+            return Err(QuantError(format!(
+                "row length {k} is not a positive multiple of {block_len} ({format:?})"
             )));
         }
-        let blocks = k / Q8_0_BLOCK;
+        let row_bytes = k / block_len * block_bytes;
         let expected = n
-            .checked_mul(blocks * GGML_BLOCK_BYTES)
-            .ok_or_else(|| Q8_0Error(format!("{n} rows of {k} overflow")))?;
+            .checked_mul(row_bytes)
+            .ok_or_else(|| QuantError(format!("{n} rows of {k} overflow")))?;
         if bytes.len() != expected {
-            return Err(Q8_0Error(format!(
-                "{} bytes for {n} rows of {k} (expected {expected})",
+            return Err(QuantError(format!(
+                "{} bytes for {n} rows of {k} as {format:?} (expected {expected})",
                 bytes.len()
             )));
         }
+        let (blocks, sub) = (k / Q8_0_BLOCK, format.sub_blocks());
+        let sub_len = Q8_0_BLOCK / sub;
         let tiles = n.div_ceil(TILE);
-        let mut scales = vec![0f32; tiles * blocks * TILE];
-        let mut offsets = vec![0i32; tiles * blocks * TILE];
+        let mut scales = vec![0f32; tiles * blocks * sub * TILE];
+        let mut offsets = vec![0i32; tiles * blocks * sub * TILE];
         let mut weights = vec![0i8; tiles * blocks * TILE_BLOCK_BYTES];
-        for col in 0..n {
+        let (mut row_weights, mut row_scales) = (vec![0i8; k], vec![0f32; k / sub_len]);
+        for (col, row) in bytes.chunks_exact(row_bytes).enumerate() {
+            for ((ggml, w), d) in row
+                .chunks_exact(block_bytes)
+                .zip(row_weights.chunks_exact_mut(block_len))
+                .zip(row_scales.chunks_exact_mut(block_len / sub_len))
+            {
+                format.decode(ggml, w, d);
+            }
             let (t, j) = (col / TILE, col % TILE);
-            for b in 0..blocks {
-                let at = (col * blocks + b) * GGML_BLOCK_BYTES;
-                let block = &bytes[at..at + GGML_BLOCK_BYTES];
+            for (s, (sub_weights, &d)) in row_weights
+                .chunks_exact(sub_len)
+                .zip(&row_scales)
+                .enumerate()
+            {
+                let (b, within_block) = (s / sub, s % sub);
                 let tb = t * blocks + b;
-                scales[tb * TILE + j] = f16::from_le_bytes([block[0], block[1]]).to_f32();
-                let mut sum = 0i32;
-                for (i, &byte) in block[2..].iter().enumerate() {
-                    let w = byte as i8;
-                    sum += i32::from(w);
-                    let (g, within) = (i / 4, i % 4);
-                    weights[tb * TILE_BLOCK_BYTES + g * TILE * 4 + j * 4 + within] = w;
+                let at = (tb * sub + within_block) * TILE + j;
+                scales[at] = d;
+                offsets[at] = 128 * sub_weights.iter().map(|&w| i32::from(w)).sum::<i32>();
+                for (e, &w) in sub_weights.iter().enumerate() {
+                    let i = within_block * sub_len + e;
+                    weights[tb * TILE_BLOCK_BYTES + (i / 4) * TILE * 4 + j * 4 + i % 4] = w;
                 }
-                offsets[tb * TILE + j] = 128 * sum;
             }
         }
         Ok(Self {
@@ -120,6 +199,7 @@ impl Q8_0Matrix {
             k,
             blocks,
             tiles,
+            sub,
             scales,
             offsets,
             weights,
@@ -136,23 +216,40 @@ impl Q8_0Matrix {
         self.k
     }
 
-    /// Weight `(column, i)` and its block scale, read back from the packed layout.
+    /// Weight `(column, i)` and its sub-block's scale, read back from the packed layout.
     fn weight(&self, col: usize, i: usize) -> (i8, f32) {
         let (t, j, b, e) = (col / TILE, col % TILE, i / Q8_0_BLOCK, i % Q8_0_BLOCK);
         let tb = t * self.blocks + b;
         let w = self.weights[tb * TILE_BLOCK_BYTES + (e / 4) * TILE * 4 + j * 4 + e % 4];
-        (w, self.scales[tb * TILE + j])
+        let within_block = e / (Q8_0_BLOCK / self.sub);
+        (w, self.scales[(tb * self.sub + within_block) * TILE + j])
+    }
+
+    /// The weights as f32, row-major `[n][k]`: `d·q` (GGML's own dequantisation, bit for
+    /// bit).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut w = Vec::with_capacity(self.n * self.k);
+        for c in 0..self.n {
+            for i in 0..self.k {
+                let (q, d) = self.weight(c, i);
+                w.push(d * f32::from(q));
+            }
+        }
+        w
     }
 
     /// `x · Wᵀ` for `x` of `rows × k`: `rows × n`, row-major. Each element is exactly
-    /// [`Q8_0Matrix::matmul_t_reference`]'s.
+    /// [`Q8Matrix::matmul_t_reference`]'s.
     pub fn matmul_t(&self, x: &[f32], rows: usize) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.k, "x is not rows × k");
         #[cfg(target_arch = "x86_64")]
         if let Some(vnni) = crate::x86::Avx512Vnni::get() {
-            return self.matmul_t_with(x, rows, |xq, first, count, t, out| {
-                vnni.q8_0_tile(self, xq, first, count, t, out)
-            });
+            return tiled_matmul(
+                (self.n, self.k, self.tiles),
+                x,
+                rows,
+                |xq, first, count, t, out| vnni.q8_0_tile(self, xq, first, count, t, out),
+            );
         }
         #[cfg(target_arch = "x86_64")]
         if let Some(avx2) = crate::x86::Avx2::get() {
@@ -161,32 +258,37 @@ impl Q8_0Matrix {
         self.matmul_t_reference(x, rows)
     }
 
-    /// [`Q8_0Matrix::matmul_t`] on the AVX2 path whatever else the CPU has.
+    /// [`Q8Matrix::matmul_t`] on the AVX2 path whatever else the CPU has.
     #[cfg(target_arch = "x86_64")]
     pub(crate) fn matmul_t_avx2(&self, avx2: crate::x86::Avx2, x: &[f32], rows: usize) -> Vec<f32> {
-        self.matmul_t_with(x, rows, |xq, first, count, t, out| {
-            avx2.q8_0_tile(self, xq, first, count, t, out)
-        })
+        tiled_matmul(
+            (self.n, self.k, self.tiles),
+            x,
+            rows,
+            |xq, first, count, t, out| avx2.q8_0_tile(self, xq, first, count, t, out),
+        )
     }
 
     /// The scalar definition: activations quantised by [`quantize_row`], then per element
-    /// `acc += (isum as f32) · (d_w · d_x)` over the blocks in order.
+    /// `acc += (isum as f32) · (d_w · d_x)` over the sub-blocks in order.
     pub fn matmul_t_reference(&self, x: &[f32], rows: usize) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.k, "x is not rows × k");
+        let sub_len = Q8_0_BLOCK / self.sub;
         let mut out = vec![0f32; rows * self.n];
         for r in 0..rows {
             let (xq, dx) = quantize_row(&x[r * self.k..(r + 1) * self.k]);
             for c in 0..self.n {
                 let mut acc = 0f32;
-                for b in 0..self.blocks {
+                for s in 0..self.k / sub_len {
                     let mut isum = 0i32;
                     let mut scale_w = 0f32;
-                    for e in 0..Q8_0_BLOCK {
-                        let (w, s) = self.weight(c, b * Q8_0_BLOCK + e);
-                        scale_w = s;
-                        isum += i32::from(w) * i32::from(xq[b * Q8_0_BLOCK + e]);
+                    let first = s * sub_len;
+                    for (e, &xe) in xq[first..first + sub_len].iter().enumerate() {
+                        let (w, d) = self.weight(c, first + e);
+                        scale_w = d;
+                        isum += i32::from(w) * i32::from(xe);
                     }
-                    acc += isum as f32 * (scale_w * dx[b]);
+                    acc += isum as f32 * (scale_w * dx[s / self.sub]);
                 }
                 out[r * self.n + c] = acc;
             }
@@ -194,87 +296,94 @@ impl Q8_0Matrix {
         out
     }
 
-    /// Quantises the rows, then computes every (rows, tile) pair with `tile(xq, first,
-    /// count, t, out)` (`out` is `[count][16]`). Many rows are split across the pool by
-    /// rows (each task writes whole output rows, reading the weights from cache); few rows
-    /// (decode) by column tiles.
-    fn matmul_t_with(
-        &self,
-        x: &[f32],
-        rows: usize,
-        tile: impl Fn(&QuantRows, usize, usize, usize, &mut [f32]) + Sync,
-    ) -> Vec<f32> {
-        let parallel = rows * self.n * self.k >= PARALLEL_WORK;
-        let xq = QuantRows::new(x, rows, self.k, parallel);
-        let n = self.n;
-        let mut out = vec![0f32; rows * n];
-        if rows >= ROWS_SPLIT_FROM {
-            let rows_task = |(index, chunk): (usize, &mut [f32])| {
-                let (first, count) = (index * ROW_BLOCK, chunk.len() / n);
-                let mut stripe = [0f32; ROW_BLOCK * TILE];
-                for t in 0..self.tiles {
-                    tile(&xq, first, count, t, &mut stripe[..count * TILE]);
-                    let cols = TILE.min(n - t * TILE);
-                    for r in 0..count {
-                        chunk[r * n + t * TILE..r * n + t * TILE + cols]
-                            .copy_from_slice(&stripe[r * TILE..r * TILE + cols]);
-                    }
-                }
-            };
-            for_each_chunk(&mut out, ROW_BLOCK * n, parallel, rows_task);
-            return out;
-        }
-        // by_tile[t][r][j]: tile t, row r, column j of the tile.
-        let mut by_tile = vec![0f32; self.tiles * rows * TILE];
-        let tiles_task = |(index, chunk): (usize, &mut [f32])| {
-            for (i, stripe) in chunk.chunks_exact_mut(rows * TILE).enumerate() {
-                let t = index * TILES_PER_TASK + i;
-                let mut first = 0;
-                while first < rows {
-                    let count = ROW_BLOCK.min(rows - first);
-                    tile(
-                        &xq,
-                        first,
-                        count,
-                        t,
-                        &mut stripe[first * TILE..(first + count) * TILE],
-                    );
-                    first += count;
-                }
-            }
-        };
-        for_each_chunk(
-            &mut by_tile,
-            TILES_PER_TASK * rows * TILE,
-            parallel,
-            tiles_task,
-        );
-        for (t, stripe) in by_tile.chunks_exact(rows * TILE).enumerate() {
-            let cols = TILE.min(n - t * TILE);
-            for r in 0..rows {
-                out[r * n + t * TILE..r * n + t * TILE + cols]
-                    .copy_from_slice(&stripe[r * TILE..r * TILE + cols]);
-            }
-        }
-        out
-    }
-
-    /// The packed data of tile `t`, block `b`: scales, offsets and weights.
+    /// The packed data of tile `t`, block `b`: scales and offsets (`[sub-block][16]`) and
+    /// weights.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn tile_block(&self, t: usize, b: usize) -> (&[f32], &[i32], &[i8]) {
         let tb = t * self.blocks + b;
+        let per_block = self.sub * TILE;
         (
-            &self.scales[tb * TILE..(tb + 1) * TILE],
-            &self.offsets[tb * TILE..(tb + 1) * TILE],
+            &self.scales[tb * per_block..(tb + 1) * per_block],
+            &self.offsets[tb * per_block..(tb + 1) * per_block],
             &self.weights[tb * TILE_BLOCK_BYTES..(tb + 1) * TILE_BLOCK_BYTES],
         )
     }
 
-    /// Blocks per row.
+    /// Blocks of 32 per row.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn blocks(&self) -> usize {
         self.blocks
     }
+
+    /// Sub-blocks per block of 32 (1: q8_0, 2: q6_K).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn sub_blocks(&self) -> usize {
+        self.sub
+    }
+}
+
+/// `x · Wᵀ` for a matrix of `n` columns in `tiles` tiles of 16: quantises the rows, then computes every (rows, tile) pair with `tile(xq, first,
+/// count, t, out)` (`out` is `[count][16]`). Many rows are split across the pool by
+/// rows (each task writes whole output rows, reading the weights from cache); few rows
+/// (decode) by column tiles.
+pub(crate) fn tiled_matmul(
+    (n, k, tiles): (usize, usize, usize),
+    x: &[f32],
+    rows: usize,
+    tile: impl Fn(&QuantRows, usize, usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let parallel = rows * n * k >= PARALLEL_WORK;
+    let xq = QuantRows::new(x, rows, k, parallel);
+    let mut out = vec![0f32; rows * n];
+    if rows >= ROWS_SPLIT_FROM {
+        let rows_task = |(index, chunk): (usize, &mut [f32])| {
+            let (first, count) = (index * ROW_BLOCK, chunk.len() / n);
+            let mut stripe = [0f32; ROW_BLOCK * TILE];
+            for t in 0..tiles {
+                tile(&xq, first, count, t, &mut stripe[..count * TILE]);
+                let cols = TILE.min(n - t * TILE);
+                for r in 0..count {
+                    chunk[r * n + t * TILE..r * n + t * TILE + cols]
+                        .copy_from_slice(&stripe[r * TILE..r * TILE + cols]);
+                }
+            }
+        };
+        for_each_chunk(&mut out, ROW_BLOCK * n, parallel, rows_task);
+        return out;
+    }
+    // by_tile[t][r][j]: tile t, row r, column j of the tile.
+    let mut by_tile = vec![0f32; tiles * rows * TILE];
+    let tiles_task = |(index, chunk): (usize, &mut [f32])| {
+        for (i, stripe) in chunk.chunks_exact_mut(rows * TILE).enumerate() {
+            let t = index * TILES_PER_TASK + i;
+            let mut first = 0;
+            while first < rows {
+                let count = ROW_BLOCK.min(rows - first);
+                tile(
+                    &xq,
+                    first,
+                    count,
+                    t,
+                    &mut stripe[first * TILE..(first + count) * TILE],
+                );
+                first += count;
+            }
+        }
+    };
+    for_each_chunk(
+        &mut by_tile,
+        TILES_PER_TASK * rows * TILE,
+        parallel,
+        tiles_task,
+    );
+    for (t, stripe) in by_tile.chunks_exact(rows * TILE).enumerate() {
+        let cols = TILE.min(n - t * TILE);
+        for r in 0..rows {
+            out[r * n + t * TILE..r * n + t * TILE + cols]
+                .copy_from_slice(&stripe[r * TILE..r * TILE + cols]);
+        }
+    }
+    out
 }
 
 /// Rows of activations quantised for the VNNI path: int8 values offset by +128 (unsigned)
@@ -284,6 +393,9 @@ pub(crate) struct QuantRows {
     pub(crate) unsigned: Vec<u8>,
     /// `[row][block]`.
     pub(crate) scales: Vec<f32>,
+    /// `[row][block]`: the sum of the block's quantised activations (what a weight
+    /// format with a per-block offset, `w = d·q + m`, multiplies by `m`).
+    pub(crate) sums: Vec<i32>,
     pub(crate) k: usize,
 }
 
@@ -322,9 +434,14 @@ impl QuantRows {
                 .zip(x.chunks(k))
                 .for_each(row);
         }
+        let sums = unsigned
+            .chunks_exact(Q8_0_BLOCK)
+            .map(|block| block.iter().map(|&u| i32::from(u) - 128).sum())
+            .collect();
         Self {
             unsigned,
             scales,
+            sums,
             k,
         }
     }

@@ -267,7 +267,7 @@ proptest! {
     ) {
         let k = blocks * crate::Q8_0_BLOCK;
         let raw = ggml_q8_0(n, k, seed);
-        let m = crate::Q8_0Matrix::from_ggml(&raw, n, k).unwrap();
+        let m = crate::Q8Matrix::from_ggml(crate::Q8Format::Q8_0, &raw, n, k).unwrap();
         let mut lcg = rand_like::Lcg(seed ^ 0x5555);
         let x: Vec<f32> = (0..rows * k).map(|i| lcg.next() * if i % 7 == 0 { 30.0 } else { 1.0 }).collect();
         // The reference, straight from the GGML bytes (not the packed layout).
@@ -336,8 +336,136 @@ fn q8_0_activation_quantisation_is_exact_to_its_definition() {
 
 #[test]
 fn q8_0_matrix_rejects_malformed_sizes() {
-    assert!(crate::Q8_0Matrix::from_ggml(&[0; 34], 1, 33).is_err());
-    assert!(crate::Q8_0Matrix::from_ggml(&[0; 33], 1, 32).is_err());
-    assert!(crate::Q8_0Matrix::from_ggml(&[0; 68], 1, 32).is_err());
-    assert!(crate::Q8_0Matrix::from_ggml(&[0; 68], 2, 32).is_ok());
+    assert!(crate::Q8Matrix::from_ggml(crate::Q8Format::Q8_0, &[0; 34], 1, 33).is_err());
+    assert!(crate::Q8Matrix::from_ggml(crate::Q8Format::Q8_0, &[0; 33], 1, 32).is_err());
+    assert!(crate::Q8Matrix::from_ggml(crate::Q8Format::Q8_0, &[0; 68], 1, 32).is_err());
+    assert!(crate::Q8Matrix::from_ggml(crate::Q8Format::Q8_0, &[0; 68], 2, 32).is_ok());
+}
+
+/// Random GGML blocks of a 4-bit `format` for `n` rows of `k`: f16 scales and offsets of
+/// mixed magnitude and sign, every nibble and 6-bit scale value.
+fn ggml_q4(format: crate::Q4Format, n: usize, k: usize, seed: u64) -> Vec<u8> {
+    let mut lcg = rand_like::Lcg(seed);
+    let mut byte = move || ((lcg.next() + 1.0) * 127.99) as u8;
+    let half = |scale: f32, b: &mut dyn FnMut() -> u8| {
+        let v = (f32::from(b()) - 128.0) / 128.0 * scale;
+        f16::from_f32(v).to_le_bytes()
+    };
+    let mut bytes = Vec::new();
+    let (elements, header) = match format {
+        crate::Q4Format::Q4_0 => (32, 2),
+        crate::Q4Format::Q4_1 => (32, 4),
+        crate::Q4Format::Q4K => (256, 16),
+    };
+    for _ in 0..n * k / elements {
+        bytes.extend_from_slice(&half(0.05, &mut byte));
+        if header >= 4 {
+            bytes.extend_from_slice(&half(0.5, &mut byte));
+        }
+        for _ in 4..header {
+            bytes.push(byte()); // q4_K's 12 bytes of packed 6-bit scales and mins
+        }
+        for _ in 0..elements / 2 {
+            bytes.push(byte());
+        }
+    }
+    bytes
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn q4_matmul_is_the_reference_bit_for_bit_whatever_the_batch(
+        format in prop_oneof![Just(crate::Q4Format::Q4_0), Just(crate::Q4Format::Q4_1), Just(crate::Q4Format::Q4K)],
+        n in 1usize..40, blocks in 1usize..4, rows in prop_oneof![1usize..10, 30usize..45], seed in any::<u64>(),
+    ) {
+        let k = blocks * if format == crate::Q4Format::Q4K { 256 } else { 64 };
+        let raw = ggml_q4(format, n, k, seed);
+        let m = crate::Q4Matrix::from_ggml(format, &raw, n, k).unwrap();
+        let mut lcg = rand_like::Lcg(seed ^ 0x5555);
+        let x: Vec<f32> = (0..rows * k).map(|i| lcg.next() * if i % 7 == 0 { 30.0 } else { 1.0 }).collect();
+        let reference = m.matmul_t_reference(&x, rows);
+        prop_assert_eq!(bits(&m.matmul_t(&x, rows)), bits(&reference));
+        #[cfg(target_arch = "x86_64")]
+        if let Some(avx2) = crate::x86::Avx2::get() {
+            prop_assert_eq!(bits(&m.matmul_t_avx2(avx2, &x, rows)), bits(&reference));
+        }
+        for r in (0..rows).step_by(3) {
+            let alone = m.matmul_t(&x[r * k..(r + 1) * k], 1);
+            prop_assert_eq!(bits(&alone), bits(&reference[r * n..(r + 1) * n]));
+        }
+        check_against_dequantized(&reference, &x, &m.dequantize(), (rows, n, k))?;
+    }
+
+    #[test]
+    fn q6_k_matmul_is_the_reference_bit_for_bit_whatever_the_batch(
+        n in 1usize..40, blocks in 1usize..3, rows in prop_oneof![1usize..10, 30usize..45], seed in any::<u64>(),
+    ) {
+        let k = blocks * 256;
+        let mut lcg = rand_like::Lcg(seed);
+        let mut raw = Vec::new();
+        for _ in 0..n * blocks {
+            raw.extend((0..208).map(|_| ((lcg.next() + 1.0) * 127.99) as u8));
+            raw.extend_from_slice(&f16::from_f32(lcg.next() * 0.01).to_le_bytes());
+        }
+        let m = crate::Q8Matrix::from_ggml(crate::Q8Format::Q6K, &raw, n, k).unwrap();
+        let x: Vec<f32> = (0..rows * k).map(|i| lcg.next() * if i % 7 == 0 { 30.0 } else { 1.0 }).collect();
+        let reference = m.matmul_t_reference(&x, rows);
+        prop_assert_eq!(bits(&m.matmul_t(&x, rows)), bits(&reference));
+        #[cfg(target_arch = "x86_64")]
+        if let Some(avx2) = crate::x86::Avx2::get() {
+            prop_assert_eq!(bits(&m.matmul_t_avx2(avx2, &x, rows)), bits(&reference));
+        }
+        for r in (0..rows).step_by(3) {
+            let alone = m.matmul_t(&x[r * k..(r + 1) * k], 1);
+            prop_assert_eq!(bits(&alone), bits(&reference[r * n..(r + 1) * n]));
+        }
+        check_against_dequantized(&reference, &x, &m.dequantize(), (rows, n, k))?;
+    }
+}
+
+/// `reference` (`x · wᵀ` through quantised activations) is the exact product with the
+/// dequantised weights `w`, up to the activations' quantisation: each activation off by at
+/// most half its block's step.
+fn check_against_dequantized(
+    reference: &[f32],
+    x: &[f32],
+    w: &[f32],
+    (rows, n, k): (usize, usize, usize),
+) -> Result<(), TestCaseError> {
+    for r in 0..rows.min(3) {
+        let xr = &x[r * k..(r + 1) * k];
+        let (_, dx) = crate::quantize_row(xr);
+        for c in 0..n {
+            let wc = &w[c * k..(c + 1) * k];
+            let exact: f64 = (0..k).map(|i| f64::from(xr[i]) * f64::from(wc[i])).sum();
+            let scale: f64 = (0..k)
+                .map(|i| (f64::from(xr[i]) * f64::from(wc[i])).abs())
+                .sum();
+            let rounding: f64 = (0..k)
+                .map(|i| f64::from(wc[i]).abs() * f64::from(dx[i / 32]) * 0.5)
+                .sum();
+            let got = f64::from(reference[r * n + c]);
+            prop_assert!(
+                (got - exact).abs() <= rounding * 1.001 + 1e-5 * scale + 1e-6,
+                "{got} vs {exact} (bound {rounding})"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn q4_matrix_rejects_malformed_sizes() {
+    use crate::Q4Format::{Q4K, Q4_0, Q4_1};
+    assert!(crate::Q4Matrix::from_ggml(Q4_0, &[0; 18], 1, 33).is_err());
+    assert!(crate::Q4Matrix::from_ggml(Q4_0, &[0; 17], 1, 32).is_err());
+    assert!(crate::Q4Matrix::from_ggml(Q4_1, &[0; 40], 2, 32).is_ok());
+    assert!(crate::Q4Matrix::from_ggml(Q4K, &[0; 144], 1, 128).is_err());
+    assert!(crate::Q4Matrix::from_ggml(Q4K, &[0; 144], 1, 256).is_ok());
+    assert!(crate::Q4Matrix::from_ggml(Q4K, &[0; 144], usize::MAX, 256).is_err());
+    assert!(crate::Q8Matrix::from_ggml(crate::Q8Format::Q6K, &[0; 210], 1, 128).is_err());
+    assert!(crate::Q8Matrix::from_ggml(crate::Q8Format::Q6K, &[0; 210], 1, 256).is_ok());
+    assert!(crate::Q8Matrix::from_ggml(crate::Q8Format::Q6K, &[0; 209], 1, 256).is_err());
 }

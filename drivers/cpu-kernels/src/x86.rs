@@ -293,7 +293,7 @@ impl Avx512Vnni {
     /// (`count` ≤ 8), into `out` (`[count][16]`).
     pub(crate) fn q8_0_tile(
         self,
-        matrix: &crate::q8::Q8_0Matrix,
+        matrix: &crate::q8::Q8Matrix,
         xq: &crate::q8::QuantRows,
         first: usize,
         count: usize,
@@ -302,28 +302,135 @@ impl Avx512Vnni {
     ) {
         // SAFETY: an `Avx512Vnni` token exists only where the features were detected.
         unsafe {
-            match count {
-                8 => q8_0_rows::<8>(matrix, xq, first, t, out),
-                7 => q8_0_rows::<7>(matrix, xq, first, t, out),
-                6 => q8_0_rows::<6>(matrix, xq, first, t, out),
-                5 => q8_0_rows::<5>(matrix, xq, first, t, out),
-                4 => q8_0_rows::<4>(matrix, xq, first, t, out),
-                3 => q8_0_rows::<3>(matrix, xq, first, t, out),
-                2 => q8_0_rows::<2>(matrix, xq, first, t, out),
-                1 => q8_0_rows::<1>(matrix, xq, first, t, out),
-                _ => unreachable!("at most ROW_BLOCK rows per call"),
+            if matrix.sub_blocks() == 1 {
+                by_row_count!(count, q8_rows, [1], (matrix, xq, first, t, out))
+            } else {
+                by_row_count!(count, q8_rows, [2], (matrix, xq, first, t, out))
             }
         }
     }
+
+    /// [`Avx512Vnni::q8_0_tile`] for a 4-bit matrix.
+    pub(crate) fn q4_tile(
+        self,
+        matrix: &crate::q4::Q4Matrix,
+        xq: &crate::q8::QuantRows,
+        first: usize,
+        count: usize,
+        t: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: an `Avx512Vnni` token exists only where the features were detected.
+        unsafe { by_row_count!(count, q4_rows, (matrix, xq, first, t, out)) }
+    }
 }
 
-/// `R` rows from `first` against the 16 columns of tile `t`: per block, eight VNNI dot
-/// products per row accumulate the exact integer sums of the 16 columns, then per lane
-/// `acc + (isum as f32) · (d_w · d_x)`, as the reference does.
+/// Calls `kernel::<count, extra…>(args)` for a run-time `count` of 1..=8 rows (the
+/// const-generic register block of a kernel).
+macro_rules! by_row_count {
+    ($count:expr, $kernel:ident, ($($arg:expr),*)) => {
+        by_row_count!($count, $kernel, [], ($($arg),*))
+    };
+    ($count:expr, $kernel:ident, [$($extra:expr),*], ($($arg:expr),*)) => {
+        match $count {
+            8 => $kernel::<8 $(, $extra)*>($($arg),*),
+            7 => $kernel::<7 $(, $extra)*>($($arg),*),
+            6 => $kernel::<6 $(, $extra)*>($($arg),*),
+            5 => $kernel::<5 $(, $extra)*>($($arg),*),
+            4 => $kernel::<4 $(, $extra)*>($($arg),*),
+            3 => $kernel::<3 $(, $extra)*>($($arg),*),
+            2 => $kernel::<2 $(, $extra)*>($($arg),*),
+            1 => $kernel::<1 $(, $extra)*>($($arg),*),
+            _ => unreachable!("at most ROW_BLOCK rows per call"),
+        }
+    };
+}
+use by_row_count;
+
+/// `R` rows from `first` against tile `t` of a 4-bit matrix: per block, four 64-byte loads
+/// of nibbles, each split by a mask and a shift into two groups of four weights of the 16
+/// columns, multiplied by the rows' signed activations (VNNI: unsigned × signed) into exact
+/// integer sums; then per lane `acc + isum·(d·d_x)`, then `+ m·(d_x·s_x)`, as the
+/// reference does.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-fn q8_0_rows<const R: usize>(
-    matrix: &crate::q8::Q8_0Matrix,
+fn q4_rows<const R: usize>(
+    matrix: &crate::q4::Q4Matrix,
+    xq: &crate::q8::QuantRows,
+    first: usize,
+    t: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::{
+        __m512i, _mm512_add_ps, _mm512_and_si512, _mm512_cvtepi32_ps, _mm512_dpbusd_epi32,
+        _mm512_loadu_ps, _mm512_loadu_si512, _mm512_mul_ps, _mm512_set1_epi32, _mm512_set1_epi8,
+        _mm512_set1_ps, _mm512_setzero_ps, _mm512_setzero_si512, _mm512_srli_epi16,
+        _mm512_storeu_ps,
+    };
+    let k = xq.k;
+    let blocks = matrix.blocks();
+    let rows: [&[u8]; R] =
+        std::array::from_fn(|i| &xq.unsigned[(first + i) * k..(first + i + 1) * k]);
+    let low_nibble = _mm512_set1_epi8(15);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..blocks {
+        let (scales, mins, nibbles) = matrix.tile_block(t, b);
+        let nibbles = &nibbles[..256];
+        let mut isum = [_mm512_setzero_si512(); R];
+        for p in 0..4 {
+            // SAFETY: `nibbles` is 256 initialised bytes and `p < 4`; the load is unaligned.
+            let v = unsafe { _mm512_loadu_si512(nibbles.as_ptr().add(p * 64).cast::<__m512i>()) };
+            let lo = _mm512_and_si512(v, low_nibble);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low_nibble);
+            for (sum, row) in isum.iter_mut().zip(rows) {
+                let row = &row[b * 32 + p * 8..b * 32 + p * 8 + 8];
+                // SAFETY: `row` is 8 initialised bytes: two unaligned reads of four.
+                let (first4, second4) = unsafe {
+                    (
+                        row.as_ptr().cast::<u32>().read_unaligned(),
+                        row.as_ptr().add(4).cast::<u32>().read_unaligned(),
+                    )
+                };
+                // Back from offset-by-128 to signed activations.
+                let first4 = _mm512_set1_epi32((first4 ^ 0x8080_8080) as i32);
+                let second4 = _mm512_set1_epi32((second4 ^ 0x8080_8080) as i32);
+                *sum = _mm512_dpbusd_epi32(*sum, lo, first4);
+                *sum = _mm512_dpbusd_epi32(*sum, hi, second4);
+            }
+        }
+        // SAFETY: `scales` and `mins` are 16 initialised f32 each.
+        let (d, m) = unsafe {
+            (
+                _mm512_loadu_ps(scales.as_ptr()),
+                _mm512_loadu_ps(mins.as_ptr()),
+            )
+        };
+        for (i, (a, sum)) in acc.iter_mut().zip(isum).enumerate() {
+            let at = (first + i) * blocks + b;
+            let dx = xq.scales[at];
+            let offset_term = dx * xq.sums[at] as f32;
+            let exact = _mm512_cvtepi32_ps(sum);
+            let with_scale = _mm512_add_ps(
+                *a,
+                _mm512_mul_ps(exact, _mm512_mul_ps(d, _mm512_set1_ps(dx))),
+            );
+            *a = _mm512_add_ps(with_scale, _mm512_mul_ps(m, _mm512_set1_ps(offset_term)));
+        }
+    }
+    for (i, a) in acc.into_iter().enumerate() {
+        let o = &mut out[i * 16..i * 16 + 16];
+        // SAFETY: `o` is 16 f32 of `out`, written by one unaligned store.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), a) };
+    }
+}
+
+/// `R` rows from `first` against the 16 columns of tile `t`: per sub-block (`SUB` per block
+/// of 32), VNNI dot products per row accumulate the exact integer sums of the 16 columns,
+/// then per lane `acc + (isum as f32) · (d_w · d_x)`, as the reference does.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+fn q8_rows<const R: usize, const SUB: usize>(
+    matrix: &crate::q8::Q8Matrix,
     xq: &crate::q8::QuantRows,
     first: usize,
     t: usize,
@@ -336,38 +443,43 @@ fn q8_0_rows<const R: usize>(
     };
     let k = xq.k;
     let blocks = matrix.blocks();
+    let groups = 8 / SUB;
     // Each row's quantised activations (32 per block, read as eight groups of four).
     let rows: [&[u8]; R] =
         std::array::from_fn(|i| &xq.unsigned[(first + i) * k..(first + i + 1) * k]);
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..blocks {
         let (scales, offsets, weights) = matrix.tile_block(t, b);
-        let mut isum = [_mm512_setzero_si512(); R];
-        let weights = &weights[..512];
-        for g in 0..8 {
-            // SAFETY: `weights` is 512 initialised bytes and `g < 8`; the load is unaligned.
-            let wv = unsafe { _mm512_loadu_si512(weights.as_ptr().add(g * 64).cast::<__m512i>()) };
-            for (sum, row) in isum.iter_mut().zip(rows) {
-                let row = &row[b * 32..b * 32 + 32];
-                // SAFETY: `row` is 32 initialised bytes and `g < 8`; the read is unaligned.
-                let four = unsafe { row.as_ptr().add(g * 4).cast::<i32>().read_unaligned() };
-                *sum = _mm512_dpbusd_epi32(*sum, _mm512_set1_epi32(four), wv);
+        let (scales, offsets, weights) =
+            (&scales[..16 * SUB], &offsets[..16 * SUB], &weights[..512]);
+        for s in 0..SUB {
+            let mut isum = [_mm512_setzero_si512(); R];
+            for g in s * groups..(s + 1) * groups {
+                // SAFETY: `weights` is 512 initialised bytes and `g < 8`; the load is unaligned.
+                let wv =
+                    unsafe { _mm512_loadu_si512(weights.as_ptr().add(g * 64).cast::<__m512i>()) };
+                for (sum, row) in isum.iter_mut().zip(rows) {
+                    let row = &row[b * 32..b * 32 + 32];
+                    // SAFETY: `row` is 32 initialised bytes and `g < 8`; the read is unaligned.
+                    let four = unsafe { row.as_ptr().add(g * 4).cast::<i32>().read_unaligned() };
+                    *sum = _mm512_dpbusd_epi32(*sum, _mm512_set1_epi32(four), wv);
+                }
             }
-        }
-        // SAFETY: `scales` and `offsets` are 16 initialised f32 / i32 each.
-        let (dw, off) = unsafe {
-            (
-                _mm512_loadu_ps(scales.as_ptr()),
-                _mm512_loadu_si512(offsets.as_ptr().cast::<__m512i>()),
-            )
-        };
-        for (i, (a, sum)) in acc.iter_mut().zip(isum).enumerate() {
-            let dx = xq.scales[(first + i) * blocks + b];
-            let exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, off));
-            *a = _mm512_add_ps(
-                *a,
-                _mm512_mul_ps(exact, _mm512_mul_ps(dw, _mm512_set1_ps(dx))),
-            );
+            // SAFETY: `scales` and `offsets` hold 16 f32 / i32 per sub-block and `s < SUB`.
+            let (dw, off) = unsafe {
+                (
+                    _mm512_loadu_ps(scales.as_ptr().add(16 * s)),
+                    _mm512_loadu_si512(offsets.as_ptr().add(16 * s).cast::<__m512i>()),
+                )
+            };
+            for (i, (a, sum)) in acc.iter_mut().zip(isum).enumerate() {
+                let dx = xq.scales[(first + i) * blocks + b];
+                let exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, off));
+                *a = _mm512_add_ps(
+                    *a,
+                    _mm512_mul_ps(exact, _mm512_mul_ps(dw, _mm512_set1_ps(dx))),
+                );
+            }
         }
     }
     for (i, a) in acc.into_iter().enumerate() {
@@ -434,7 +546,7 @@ impl Avx2 {
     /// float operations per output element.
     pub(crate) fn q8_0_tile(
         self,
-        matrix: &crate::q8::Q8_0Matrix,
+        matrix: &crate::q8::Q8Matrix,
         xq: &crate::q8::QuantRows,
         first: usize,
         count: usize,
@@ -447,14 +559,108 @@ impl Avx2 {
             let o = &mut out[r * 16..(r + n) * 16];
             // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
             unsafe {
-                match n {
-                    4 => q8_0_rows_avx2::<4>(matrix, xq, first + r, t, o),
-                    3 => q8_0_rows_avx2::<3>(matrix, xq, first + r, t, o),
-                    2 => q8_0_rows_avx2::<2>(matrix, xq, first + r, t, o),
-                    _ => q8_0_rows_avx2::<1>(matrix, xq, first + r, t, o),
+                if matrix.sub_blocks() == 1 {
+                    by_row_count!(n, q8_rows_avx2, [1], (matrix, xq, first + r, t, o))
+                } else {
+                    by_row_count!(n, q8_rows_avx2, [2], (matrix, xq, first + r, t, o))
                 }
             }
             r += n;
+        }
+    }
+
+    /// [`Avx512Vnni::q4_tile`] for CPUs with AVX2 but not AVX-512 VNNI: `maddubs` of the
+    /// unsigned nibbles by the signed activations, the same integer sums and float
+    /// operations.
+    pub(crate) fn q4_tile(
+        self,
+        matrix: &crate::q4::Q4Matrix,
+        xq: &crate::q8::QuantRows,
+        first: usize,
+        count: usize,
+        t: usize,
+        out: &mut [f32],
+    ) {
+        let mut r = 0;
+        while r < count {
+            let n = (count - r).min(4);
+            let o = &mut out[r * 16..(r + n) * 16];
+            // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+            unsafe { by_row_count!(n, q4_rows_avx2, (matrix, xq, first + r, t, o)) }
+            r += n;
+        }
+    }
+}
+
+/// `R` rows from `first` against tile `t` of a 4-bit matrix, eight columns at a time.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn q4_rows_avx2<const R: usize>(
+    matrix: &crate::q4::Q4Matrix,
+    xq: &crate::q8::QuantRows,
+    first: usize,
+    t: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::{
+        __m256i, _mm256_add_epi16, _mm256_add_epi32, _mm256_and_si256, _mm256_cvtepi32_ps,
+        _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_set1_epi16,
+        _mm256_set1_epi32, _mm256_set1_epi8, _mm256_setzero_si256, _mm256_srli_epi16,
+    };
+    let k = xq.k;
+    let blocks = matrix.blocks();
+    let rows: [&[u8]; R] =
+        std::array::from_fn(|i| &xq.unsigned[(first + i) * k..(first + i + 1) * k]);
+    let ones = _mm256_set1_epi16(1);
+    let low_nibble = _mm256_set1_epi8(15);
+    for half in 0..2 {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..blocks {
+            let (scales, mins, nibbles) = matrix.tile_block(t, b);
+            let nibbles = &nibbles[..256];
+            let mut isum = [_mm256_setzero_si256(); R];
+            for p in 0..4 {
+                let at = p * 64 + half * 32;
+                // SAFETY: `nibbles` is 256 initialised bytes and `at + 32 <= 256`; unaligned.
+                let v = unsafe { _mm256_loadu_si256(nibbles.as_ptr().add(at).cast::<__m256i>()) };
+                let lo = _mm256_and_si256(v, low_nibble);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low_nibble);
+                for (sum, row) in isum.iter_mut().zip(rows) {
+                    let row = &row[b * 32 + p * 8..b * 32 + p * 8 + 8];
+                    // SAFETY: `row` is 8 initialised bytes: two unaligned reads of four.
+                    let (first4, second4) = unsafe {
+                        (
+                            row.as_ptr().cast::<u32>().read_unaligned(),
+                            row.as_ptr().add(4).cast::<u32>().read_unaligned(),
+                        )
+                    };
+                    let first4 = _mm256_set1_epi32((first4 ^ 0x8080_8080) as i32);
+                    let second4 = _mm256_set1_epi32((second4 ^ 0x8080_8080) as i32);
+                    // |15 · 127| · 4 fits an i16: the pairs of both groups add exactly.
+                    let pairs = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, first4),
+                        _mm256_maddubs_epi16(hi, second4),
+                    );
+                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            let (d, m) = (load(scales, half * 8), load(mins, half * 8));
+            for (i, (a, sum)) in acc.iter_mut().zip(isum).enumerate() {
+                let at = (first + i) * blocks + b;
+                let dx = xq.scales[at];
+                let offset_term = dx * xq.sums[at] as f32;
+                let exact = _mm256_cvtepi32_ps(sum);
+                let with_scale = _mm256_add_ps(
+                    *a,
+                    _mm256_mul_ps(exact, _mm256_mul_ps(d, _mm256_set1_ps(dx))),
+                );
+                *a = _mm256_add_ps(with_scale, _mm256_mul_ps(m, _mm256_set1_ps(offset_term)));
+            }
+        }
+        for (i, a) in acc.into_iter().enumerate() {
+            let o = &mut out[i * 16 + half * 8..i * 16 + half * 8 + 8];
+            // SAFETY: `o` is 8 f32 of `out`, written by one unaligned store.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), a) };
         }
     }
 }
@@ -462,8 +668,8 @@ impl Avx2 {
 /// `R` rows from `first` against tile `t`, eight columns (one half of the tile) at a time.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn q8_0_rows_avx2<const R: usize>(
-    matrix: &crate::q8::Q8_0Matrix,
+fn q8_rows_avx2<const R: usize, const SUB: usize>(
+    matrix: &crate::q8::Q8Matrix,
     xq: &crate::q8::QuantRows,
     first: usize,
     t: usize,
@@ -476,6 +682,7 @@ fn q8_0_rows_avx2<const R: usize>(
     };
     let k = xq.k;
     let blocks = matrix.blocks();
+    let groups = 8 / SUB;
     let rows: [&[u8]; R] =
         std::array::from_fn(|i| &xq.unsigned[(first + i) * k..(first + i + 1) * k]);
     let ones = _mm256_set1_epi16(1);
@@ -484,30 +691,34 @@ fn q8_0_rows_avx2<const R: usize>(
         for b in 0..blocks {
             let (scales, _, weights) = matrix.tile_block(t, b);
             let weights = &weights[..512];
-            let mut isum = [_mm256_setzero_si256(); R];
-            for g in 0..8 {
-                let at = g * 64 + half * 32;
-                // SAFETY: `weights` is 512 initialised bytes and `at + 32 <= 512`; unaligned.
-                let w = unsafe { _mm256_loadu_si256(weights.as_ptr().add(at).cast::<__m256i>()) };
-                let magnitude = _mm256_sign_epi8(w, w);
-                for (sum, row) in isum.iter_mut().zip(rows) {
-                    let row = &row[b * 32..b * 32 + 32];
-                    // SAFETY: `row` is 32 initialised bytes and `g < 8`; the read is unaligned.
-                    let four = unsafe { row.as_ptr().add(g * 4).cast::<u32>().read_unaligned() };
-                    // Back from offset-by-128 to signed, then carrying the weights' signs.
-                    let signed = _mm256_set1_epi32((four ^ 0x8080_8080) as i32);
-                    let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(signed, w));
-                    *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+            for s in 0..SUB {
+                let mut isum = [_mm256_setzero_si256(); R];
+                for g in s * groups..(s + 1) * groups {
+                    let at = g * 64 + half * 32;
+                    // SAFETY: `weights` is 512 initialised bytes and `at + 32 <= 512`; unaligned.
+                    let w =
+                        unsafe { _mm256_loadu_si256(weights.as_ptr().add(at).cast::<__m256i>()) };
+                    let magnitude = _mm256_sign_epi8(w, w);
+                    for (sum, row) in isum.iter_mut().zip(rows) {
+                        let row = &row[b * 32..b * 32 + 32];
+                        // SAFETY: `row` is 32 initialised bytes and `g < 8`; unaligned read.
+                        let four =
+                            unsafe { row.as_ptr().add(g * 4).cast::<u32>().read_unaligned() };
+                        // Back from offset-by-128 to signed, then carrying the weights' signs.
+                        let signed = _mm256_set1_epi32((four ^ 0x8080_8080) as i32);
+                        let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(signed, w));
+                        *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(pairs, ones));
+                    }
                 }
-            }
-            let dw = load(scales, half * 8);
-            for (i, (a, sum)) in acc.iter_mut().zip(isum).enumerate() {
-                let dx = xq.scales[(first + i) * blocks + b];
-                let exact = _mm256_cvtepi32_ps(sum);
-                *a = _mm256_add_ps(
-                    *a,
-                    _mm256_mul_ps(exact, _mm256_mul_ps(dw, _mm256_set1_ps(dx))),
-                );
+                let dw = load(scales, s * 16 + half * 8);
+                for (i, (a, sum)) in acc.iter_mut().zip(isum).enumerate() {
+                    let dx = xq.scales[(first + i) * blocks + b];
+                    let exact = _mm256_cvtepi32_ps(sum);
+                    *a = _mm256_add_ps(
+                        *a,
+                        _mm256_mul_ps(exact, _mm256_mul_ps(dw, _mm256_set1_ps(dx))),
+                    );
+                }
             }
         }
         for (i, a) in acc.into_iter().enumerate() {

@@ -57,11 +57,13 @@ pub(crate) enum Linear {
     /// [`QUANT_MAX_ROWS`] per call for q4_K (more rows take an AMX path where the CPU has
     /// it). Checked bit for bit by the batch-invariance tests.
     Quant { matmul: QMatMul, dtype: GgmlDType },
-    /// q8_0 blocks through our own kernel ([`llmos_cpu_kernels::Q8_0Matrix`]: AVX-512
-    /// VNNI or AVX2, activations quantised per block of 32, batch-invariant by
-    /// construction), where the CPU has one; elsewhere q8_0 goes through candle
-    /// ([`Linear::Quant`]).
-    Q8_0(Arc<llmos_cpu_kernels::Q8_0Matrix>),
+    /// q8_0 or q6_K blocks through our own kernel ([`llmos_cpu_kernels::Q8Matrix`]:
+    /// int8 weights, AVX-512 VNNI or AVX2, activations quantised per block of 32,
+    /// batch-invariant by construction), where the CPU has one.
+    Q8(Arc<llmos_cpu_kernels::Q8Matrix>),
+    /// q4_0, q4_1 or q4_K blocks through our own kernel ([`llmos_cpu_kernels::Q4Matrix`]:
+    /// weights kept as nibbles), where the CPU has one.
+    Q4(Arc<llmos_cpu_kernels::Q4Matrix>),
 }
 
 /// Rows per call of a q4_K matmul (see [`Linear::Quant`]).
@@ -87,10 +89,21 @@ impl Linear {
         bytes: Cow<'_, [u8]>,
         device: &Device,
     ) -> Result<Linear> {
-        if dtype == GgmlDType::Q8_0 && device.is_cpu() && llmos_cpu_kernels::q8_0_accelerated() {
-            let m = llmos_cpu_kernels::Q8_0Matrix::from_ggml(&bytes, rows, cols)
-                .map_err(|e| crate::error::ModelError::InvalidInput(e.to_string()))?;
-            return Ok(Linear::Q8_0(Arc::new(m)));
+        if device.is_cpu() && llmos_cpu_kernels::quantized_accelerated() {
+            use llmos_cpu_kernels::{Q4Format, Q4Matrix, Q8Format, Q8Matrix};
+            let invalid = |e: llmos_cpu_kernels::QuantError| {
+                crate::error::ModelError::InvalidInput(e.to_string())
+            };
+            let q8 = |format| Q8Matrix::from_ggml(format, &bytes, rows, cols).map_err(invalid);
+            let q4 = |format| Q4Matrix::from_ggml(format, &bytes, rows, cols).map_err(invalid);
+            match dtype {
+                GgmlDType::Q8_0 => return Ok(Linear::Q8(Arc::new(q8(Q8Format::Q8_0)?))),
+                GgmlDType::Q6K => return Ok(Linear::Q8(Arc::new(q8(Q8Format::Q6K)?))),
+                GgmlDType::Q4_0 => return Ok(Linear::Q4(Arc::new(q4(Q4Format::Q4_0)?))),
+                GgmlDType::Q4_1 => return Ok(Linear::Q4(Arc::new(q4(Q4Format::Q4_1)?))),
+                GgmlDType::Q4K => return Ok(Linear::Q4(Arc::new(q4(Q4Format::Q4K)?))),
+                _ => {}
+            }
         }
         Ok(Linear::Quant {
             matmul: QMatMul::from_arc(Arc::new(qtensor(dtype, rows, cols, bytes, device)?))?,
@@ -112,7 +125,12 @@ impl Linear {
                 let y = crate::kernels::matmul_t(&data, rows, w, *out);
                 Ok(Tensor::from_vec(y, (rows, *out), x.device())?)
             }
-            Linear::Q8_0(m) => {
+            Linear::Q8(m) => {
+                let data = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let y = m.matmul_t(&data, rows);
+                Ok(Tensor::from_vec(y, (rows, m.n()), x.device())?)
+            }
+            Linear::Q4(m) => {
                 let data = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
                 let y = m.matmul_t(&data, rows);
                 Ok(Tensor::from_vec(y, (rows, m.n()), x.device())?)

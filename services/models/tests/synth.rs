@@ -82,6 +82,7 @@ fn every_gguf_storage_type_matches_the_reference_and_stays_near_f32() {
         (Preset::TINY, GgmlDType::Q4_0, 0.8),
         (Preset::TINY, GgmlDType::Q4_1, 0.8),
         (Preset::TINY_K, GgmlDType::Q4K, 0.8),
+        (Preset::TINY_K, GgmlDType::Q6K, 0.95),
     ];
     for (preset, dtype, min_cos) in cases {
         let base = dir.path().join(format!("{}-f32.gguf", preset.name));
@@ -99,13 +100,16 @@ fn every_gguf_storage_type_matches_the_reference_and_stays_near_f32() {
         let theirs = reference_trace(&path, PROMPT, &forced);
         let f = load_gguf(&base, &Device::Cpu).unwrap();
         let exact = forced_trace(&f.model, PROMPT, &[]);
-        let own_kernel = dtype == GgmlDType::Q8_0 && llmos_cpu_kernels::q8_0_accelerated();
+        let own_kernel = matches!(
+            dtype,
+            GgmlDType::Q8_0 | GgmlDType::Q6K | GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K
+        ) && llmos_cpu_kernels::quantized_accelerated();
         for (i, (x, y)) in ours.iter().zip(&theirs).enumerate() {
             assert!(all_finite(x), "{dtype:?}");
             let r = rel_diff(x, y);
             if own_kernel {
-                // Our q8_0 kernel rounds activations and sums blocks otherwise than
-                // candle's (its accuracy is checked in q8_0_accuracy.rs); on this tiny
+                // Our quantized kernels round activations and sum blocks otherwise than
+                // candle's (their accuracy is checked in quantized_kernels.rs); on this tiny
                 // random model the logits differ by that rounding, amplified.
                 assert!(
                     r < 0.05,
