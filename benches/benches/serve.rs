@@ -16,6 +16,8 @@
 //! llmos binary is built in release mode first (`$LLMOS_BIN` overrides). `BENCH_LEVELS=1,16`
 //! picks concurrency levels; `BENCH_TOKENS` the tokens per stream; `BENCH_LLMOS_LOG` sets
 //! the server's `RUST_LOG` and keeps its log in `target/release/llmos-bench-serve.log`.
+//! After the q8_0 runs, the same model stored as q4_K and as f32 (`BENCH_WEIGHTS=q4k,f32`,
+//! `none` to skip) gets one run of 1 and of 16 streams and one prefill per server.
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
@@ -47,18 +49,36 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The bench model, written once into the target directory.
-fn bench_model() -> Res<PathBuf> {
+/// The bench model stored as `dtype`, written once into the target directory.
+fn bench_model(dtype: GgmlDType) -> Res<PathBuf> {
     let dir = workspace().join("target/release/llmos-bench-cache");
     std::fs::create_dir_all(&dir).map_err(err("cache dir"))?;
-    let path = dir.join("bench-134m-q8_0.gguf");
+    let name = format!("{dtype:?}").to_lowercase();
+    let path = dir.join(format!("bench-134m-{name}.gguf"));
     if !path.exists() {
         eprintln!("writing {} (once)…", path.display());
         let tmp = path.with_extension("tmp");
-        synth::write_gguf(&tmp, &Preset::BENCH_134M, GgmlDType::Q8_0, 0).map_err(err("synth"))?;
+        synth::write_gguf(&tmp, &Preset::BENCH_134M, dtype, 0).map_err(err("synth"))?;
         std::fs::rename(&tmp, &path).map_err(err("rename"))?;
     }
     Ok(path)
+}
+
+/// The other storage types the bench reports (`BENCH_WEIGHTS=q4k,f32`, `none` for none).
+fn other_weights() -> Res<Vec<GgmlDType>> {
+    let list = std::env::var("BENCH_WEIGHTS").unwrap_or_else(|_| "q4k,f32".into());
+    list.split(',')
+        .map(str::trim)
+        .filter(|w| !w.is_empty() && *w != "none")
+        .map(|w| match w {
+            "q4k" | "q4_k" => Ok(GgmlDType::Q4K),
+            "q4_0" => Ok(GgmlDType::Q4_0),
+            "q6k" | "q6_k" => Ok(GgmlDType::Q6K),
+            "f16" => Ok(GgmlDType::F16),
+            "f32" => Ok(GgmlDType::F32),
+            other => Err(format!("BENCH_WEIGHTS: unknown storage type {other:?}")),
+        })
+        .collect()
 }
 
 fn llmos_binary() -> Res<PathBuf> {
@@ -447,7 +467,8 @@ fn bench() -> Res<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(128);
-    let model = bench_model()?;
+    let others = other_weights()?;
+    let model = bench_model(GgmlDType::Q8_0)?;
     let tokenizer = Tokenizer::from_gguf_file(&model).map_err(err("tokenizer"))?;
     let mut llmos = start_llmos(&model)?;
     let llama = match anchor() {
@@ -569,8 +590,99 @@ fn bench() -> Res<()> {
         sample(&metrics, "llmos_preemptions_total"),
     );
     let _ = llmos.child.try_wait();
-    summary(&results, &prefill, &interference, hangs, llama.is_some());
+    drop((llmos, llama));
+    let mut other_rows = Vec::new();
+    for dtype in others {
+        other_rows.push(other_weight_type(dtype, &tokenizer, &levels, max_tokens)?);
+    }
+    summary(&results, &prefill, &interference, hangs, anchor().is_some());
+    if !other_rows.is_empty() {
+        println!(
+            "\nother storage types (one run each, same load): {:>8} {:>12} {:>12} {:>8}",
+            "streams", "llama.cpp", "llmos", "ratio"
+        );
+        for (dtype, rows) in &other_rows {
+            for (what, anchor, ours) in rows {
+                println!(
+                    "{:>8} {what:>38} {:>12} {ours:>12.1} {:>8}",
+                    format!("{dtype:?}").to_lowercase(),
+                    anchor.map_or("-".into(), |a| format!("{a:.1}")),
+                    anchor.map_or("-".into(), |a| format!("{:.2}x", ours / a)),
+                );
+            }
+        }
+    }
     Ok(())
+}
+
+/// Rows of (what, llama.cpp, llmos) in tokens/s for the bench model stored as `dtype`:
+/// one run of 1 and of 16 streams (those of `levels`) and one ≈500-token prefill, each
+/// server measured alone.
+#[allow(clippy::type_complexity)]
+fn other_weight_type(
+    dtype: GgmlDType,
+    tokenizer: &Tokenizer,
+    levels: &[usize],
+    max_tokens: usize,
+) -> Res<(GgmlDType, Vec<(String, Option<f64>, f64)>)> {
+    let model = bench_model(dtype)?;
+    println!(
+        "\n--- {} ({} MB) ---",
+        model.display(),
+        std::fs::metadata(&model).map_or(0, |m| m.len() >> 20)
+    );
+    let llmos = start_llmos(&model)?;
+    let llama = anchor().map(|bin| start_llama(&bin, &model)).transpose()?;
+    let servers: Vec<&Server> = llama.iter().chain(std::iter::once(&llmos)).collect();
+    for (i, server) in servers.iter().enumerate() {
+        let warm = prompts(tokenizer, 1, 32, 950 + i as u64);
+        let _ = alone(&servers, server, || run_load(server, &warm, 8));
+    }
+    let mut rows = Vec::new();
+    for &level in levels.iter().filter(|&&l| l == 1 || l == 16) {
+        let mut tps = Vec::new();
+        for (i, server) in servers.iter().enumerate() {
+            let p = prompts(
+                tokenizer,
+                level,
+                PROMPT_TOKENS,
+                3000 + (level * 10 + i) as u64,
+            );
+            let load = alone(&servers, server, || run_load(server, &p, max_tokens));
+            print_load_row(server.name, level, &load);
+            tps.push(load.tps());
+        }
+        let anchor = (tps.len() == 2).then(|| tps[0]);
+        rows.push((
+            format!("{level} streams, tok/s"),
+            anchor,
+            *tps.last().expect("llmos ran"),
+        ));
+    }
+    let mut rates = Vec::new();
+    for (i, server) in servers.iter().enumerate() {
+        let p = prompts(tokenizer, 1, PREFILL_TOKENS, 3500 + i as u64);
+        let load = alone(&servers, server, || run_load(server, &p, 1));
+        let s = &load.streams[0];
+        let rate = match (s.ttft, &s.error) {
+            (Some(ttft), None) => {
+                let n = s
+                    .prompt_tokens
+                    .unwrap_or_else(|| tokenizer.encode(&p[0], true).map_or(0, |t| t.len()));
+                n as f64 / ttft.as_secs_f64()
+            }
+            _ => f64::NAN,
+        };
+        println!("  {:<10} prefill {rate:>7.1} prompt tok/s", server.name);
+        rates.push(rate);
+    }
+    let anchor = (rates.len() == 2).then(|| rates[0]);
+    rows.push((
+        format!("prefill ≈{PREFILL_TOKENS} tokens, tok/s"),
+        anchor,
+        *rates.last().expect("llmos ran"),
+    ));
+    Ok((dtype, rows))
 }
 
 /// Gap percentiles of the running streams, and the long prompt's time to first token.
