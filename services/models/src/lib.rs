@@ -16,6 +16,7 @@
 
 mod chat;
 mod config;
+mod elementwise;
 mod error;
 mod fingerprint;
 mod gguf;

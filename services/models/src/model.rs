@@ -1,19 +1,22 @@
-//! Our Llama-family forward pass on candle ops: one batched step over several sequences,
-//! each with its own KV store reached only through the [`KvStore`] trait.
+//! Our Llama-family forward pass: one batched step over several sequences, each with its
+//! own KV store reached only through the [`KvStore`] trait, on plain f32 rows — our own
+//! matmul and attention kernels and the per-row steps of [`crate::elementwise`], no tensor
+//! op per layer.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use llmos_kv::{KvShape, KvStore};
 use rayon::prelude::*;
 
 use crate::chat::ChatTemplate;
-use crate::config::{ModelConfig, RopeLayout};
+use crate::config::ModelConfig;
+use crate::elementwise::{add_assign, rms_norm, silu_mul, Rotary};
 use crate::error::{ModelError, Result};
 use crate::progress::LoadProgress;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{FusedOut, Layer, Weights};
+use crate::weights::{Layer, Weights};
 
 /// One sequence's part of a batched forward step.
 pub struct SeqStep<'a> {
@@ -42,9 +45,11 @@ pub struct Model {
     config: ModelConfig,
     weights: Weights,
     device: Device,
-    /// `[max_seq_len, head_dim / 2]` rotary tables.
-    cos: Tensor,
-    sin: Tensor,
+    rotary: Rotary,
+    /// Per layer, the attention and feed-forward norm weights.
+    norms: Vec<[Vec<f32>; 2]>,
+    /// The final norm's weights.
+    final_norm: Vec<f32>,
 }
 
 impl std::fmt::Debug for Model {
@@ -216,29 +221,27 @@ pub struct StepOptions<'a> {
 
 impl Model {
     fn new(config: ModelConfig, weights: Weights, device: &Device) -> Result<Model> {
-        let half = config.head_dim / 2;
-        // Same arithmetic as the reference implementations (f32 frequencies, f32 angle =
-        // position × frequency) so that results agree to the last bits where they can.
-        let freqs: Vec<f32> = (0..half)
-            .map(|i| {
-                1f32 / config
-                    .rope_theta
-                    .powf((2 * i) as f32 / config.head_dim as f32)
-            })
-            .collect();
-        let mut cos = Vec::with_capacity(config.max_seq_len * half);
-        let mut sin = Vec::with_capacity(config.max_seq_len * half);
-        for p in 0..config.max_seq_len {
-            for &f in &freqs {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-        let shape = (config.max_seq_len, half);
+        let rotary = Rotary::new(
+            config.head_dim,
+            config.rope_theta,
+            config.max_seq_len,
+            config.rope_layout,
+        );
+        let vector = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(crate::weights::to_f32(t.clone())?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let norms = weights
+            .layers
+            .iter()
+            .map(|l| Ok([vector(&l.attn_norm)?, vector(&l.ffn_norm)?]))
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = vector(&weights.norm)?;
         Ok(Model {
-            cos: Tensor::from_vec(cos, shape, device)?,
-            sin: Tensor::from_vec(sin, shape, device)?,
+            rotary,
+            norms,
+            final_norm,
             config,
             weights,
             device: device.clone(),
@@ -301,34 +304,34 @@ impl Model {
             }
         }
         let total: usize = plans.iter().map(|p| p.n).sum();
-        let dev = &self.device;
-
-        let mut rows = Vec::with_capacity(total * c.dim);
+        let mut x = Vec::with_capacity(total * c.dim);
         for s in batch.iter() {
             for &t in s.tokens {
                 let at = t as usize * c.dim;
-                rows.extend_from_slice(&self.weights.embed[at..at + c.dim]);
+                x.extend_from_slice(&self.weights.embed[at..at + c.dim]);
             }
         }
-        let mut x = Tensor::from_vec(rows, (total, c.dim), dev)?;
-
-        let (cos, sin) = self.rotary(&plans)?;
+        let positions: Vec<usize> = plans
+            .iter()
+            .flat_map(|p| p.start..p.start + p.n)
+            .collect();
         for (s, p) in batch.iter_mut().zip(&plans) {
             s.kv.reserve(p.start + p.n)?;
         }
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        for (l, layer) in self.weights.layers.iter().enumerate() {
+        for (l, (layer, [attn_norm, ffn_norm])) in
+            self.weights.layers.iter().zip(&self.norms).enumerate()
+        {
             if let Some(on_layer) = options.on_layer.as_mut() {
                 if !on_layer(l) {
                     return Err(ModelError::Aborted(l));
                 }
             }
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
-            let (q, k, v) = self.qkv(layer, &h, &cos, &sin, scale)?;
+            let h = rms_norm(&x, attn_norm, c.rms_eps);
+            let (q, k, v) = self.qkv(layer, &h, &positions)?;
             let attn = self.attend(l, batch, &plans, &q, &k, &v)?;
-            x = (x + layer.wo.forward(&attn)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
-            x = (x + self.ffn(layer, &h)?)?;
+            add_assign(&mut x, &layer.wo.forward_rows(&attn, total, &self.device)?);
+            let h = rms_norm(&x, ffn_norm, c.rms_eps);
+            add_assign(&mut x, &self.ffn(layer, &h, total)?);
         }
         for (s, p) in batch.iter_mut().zip(&plans) {
             s.kv.commit(p.start + p.n)?;
@@ -341,21 +344,18 @@ impl Model {
         if wanted.is_empty() {
             return Ok(out);
         }
-        let last_rows: Vec<u32> = wanted
-            .iter()
-            .map(|&i| (plans[i].offset + plans[i].n - 1) as u32)
-            .collect();
-        let n = last_rows.len();
-        let last = x.index_select(&Tensor::from_vec(last_rows, n, dev)?, 0)?;
-        let h = candle_nn::ops::rms_norm(&last, &self.weights.norm, c.rms_eps)?;
-        let logits = self.weights.lm_head.forward(&h)?;
-        let logits = if logits.dtype() == DType::F32 {
-            logits
-        } else {
-            logits.to_dtype(DType::F32)?
-        };
-        for (row, i) in logits.to_vec2::<f32>()?.into_iter().zip(wanted) {
-            out[i] = Some(row);
+        let mut last = Vec::with_capacity(wanted.len() * c.dim);
+        for &i in &wanted {
+            let row = plans[i].offset + plans[i].n - 1;
+            last.extend_from_slice(&x[row * c.dim..(row + 1) * c.dim]);
+        }
+        let h = rms_norm(&last, &self.final_norm, c.rms_eps);
+        let logits = self
+            .weights
+            .lm_head
+            .forward_rows(&h, wanted.len(), &self.device)?;
+        for (row, i) in logits.chunks_exact(c.vocab_size).zip(wanted) {
+            out[i] = Some(row.to_vec());
         }
         Ok(out)
     }
@@ -411,86 +411,27 @@ impl Model {
         Ok(plans)
     }
 
-    /// Rotary tables for every new row, shaped `[T, 1, head_dim/2]` to rotate a
-    /// `[T, heads, 1, head_dim]` tensor in one kernel call (per-row positions).
-    fn rotary(&self, plans: &[SeqPlan]) -> Result<(Tensor, Tensor)> {
-        let half = self.config.head_dim / 2;
-        let total: usize = plans.iter().map(|p| p.n).sum();
-        let (cos, sin) = if let [p] = plans {
-            // One sequence: its positions are one range, a view of the tables.
-            (
-                self.cos.narrow(0, p.start, p.n)?,
-                self.sin.narrow(0, p.start, p.n)?,
-            )
-        } else {
-            let pos: Vec<u32> = plans
-                .iter()
-                .flat_map(|p| (p.start..p.start + p.n).map(|x| x as u32))
-                .collect();
-            let pos = Tensor::from_vec(pos, total, &self.device)?;
-            (
-                self.cos.index_select(&pos, 0)?,
-                self.sin.index_select(&pos, 0)?,
-            )
-        };
-        Ok((
-            cos.reshape((total, 1, half))?,
-            sin.reshape((total, 1, half))?,
-        ))
-    }
-
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        Ok(match self.config.rope_layout {
-            RopeLayout::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
-            RopeLayout::HalfSplit => candle_nn::rotary_emb::rope(x, cos, sin)?,
-        })
-    }
-
-    /// Projections and rotary embedding for all rows: q `[T, H, hd]` (already scaled by
-    /// 1/√hd), k and v `[T, Hkv, hd]`.
+    /// Projections and rotary embedding for all rows (row `r` at `positions[r]`): q
+    /// `[T, H·hd]` (already scaled by 1/√hd), k and v `[T, Hkv·hd]`.
     fn qkv(
         &self,
         layer: &Layer,
-        h: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        scale: f64,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+        h: &[f32],
+        positions: &[usize],
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let c = &self.config;
-        let t = h.dim(0)?;
-        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
-        match layer.qkv.forward(h)? {
-            FusedOut::One(qkv) => {
-                // q and k share positions: rotate them together, one kernel call.
-                let qk = qkv.narrow(1, 0, (nh + nkv) * hd)?.contiguous()?.reshape((
-                    t,
-                    nh + nkv,
-                    1,
-                    hd,
-                ))?;
-                let qk = self.rope(&qk, cos, sin)?;
-                let q = qk
-                    .narrow(1, 0, nh)?
-                    .affine(scale, 0.0)?
-                    .reshape((t, nh, hd))?;
-                let k = qk.narrow(1, nh, nkv)?.squeeze(2)?;
-                let v = qkv
-                    .narrow(1, (nh + nkv) * hd, nkv * hd)?
-                    .reshape((t, nkv, hd))?;
-                Ok((q, k, v))
-            }
-            FusedOut::Many(parts) => {
-                let [q, k, v] = <[Tensor; 3]>::try_from(parts).map_err(|_| {
-                    ModelError::InvalidInput("q/k/v split into other than 3".into())
-                })?;
-                let q = self.rope(&q.reshape((t, nh, 1, hd))?, cos, sin)?;
-                let q = q.affine(scale, 0.0)?.reshape((t, nh, hd))?;
-                let k = self
-                    .rope(&k.reshape((t, nkv, 1, hd))?, cos, sin)?
-                    .squeeze(2)?;
-                Ok((q, k, v.reshape((t, nkv, hd))?))
-            }
-        }
+        let t = positions.len();
+        let (qd, kvd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let parts = layer
+            .qkv
+            .forward_rows(h, t, &self.device)?
+            .split(t, &[qd, kvd, kvd])?;
+        let [mut q, mut k, v] = <[Vec<f32>; 3]>::try_from(parts)
+            .map_err(|_| ModelError::InvalidInput("q/k/v split into other than 3".into()))?;
+        let scale = (1.0 / (c.head_dim as f64).sqrt()) as f32;
+        self.rotary.apply(&mut q, qd, positions, Some(scale));
+        self.rotary.apply(&mut k, kvd, positions, None);
+        Ok((q, k, v))
     }
 
     /// Attention of every sequence: stores its new k/v rows, then attends over its whole
@@ -500,10 +441,10 @@ impl Model {
         layer: usize,
         batch: &mut [SeqStep<'_>],
         plans: &[SeqPlan],
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<Tensor> {
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<Vec<f32>> {
         let c = &self.config;
         let shape = crate::kernels::AttentionShape {
             n_heads: c.n_heads,
@@ -511,8 +452,6 @@ impl Model {
             head_dim: c.head_dim,
         };
         let (qd, kvd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
-        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
-        let (q, k, v) = (flat(q)?, flat(k)?, flat(v)?);
         let total: usize = plans.iter().map(|p| p.n).sum();
         // New rows first (each store takes its pool's lock for writing in turn)…
         for (s, p) in batch.iter_mut().zip(plans) {
@@ -528,7 +467,6 @@ impl Model {
             parts.push(part);
             rest = tail;
         }
-        let q = &q;
         batch
             .par_iter()
             .zip(plans.par_iter())
@@ -540,22 +478,19 @@ impl Model {
                 })
             })
             .collect::<std::result::Result<Vec<()>, llmos_kv::KvError>>()?;
-        Ok(Tensor::from_vec(out, (total, qd), &self.device)?)
+        Ok(out)
     }
 
-    fn ffn(&self, layer: &Layer, h: &Tensor) -> Result<Tensor> {
+    /// The feed-forward of all `rows`: `down(silu(gate(h)) · up(h))`.
+    fn ffn(&self, layer: &Layer, h: &[f32], rows: usize) -> Result<Vec<f32>> {
         let f = self.config.ffn_dim;
-        let act = match layer.gate_up.forward(h)? {
-            FusedOut::One(gu) => {
-                (gu.narrow(D::Minus1, 0, f)?.silu()? * gu.narrow(D::Minus1, f, f)?)?
-            }
-            FusedOut::Many(parts) => {
-                let [g, u] = <[Tensor; 2]>::try_from(parts).map_err(|_| {
-                    ModelError::InvalidInput("gate/up split into other than 2".into())
-                })?;
-                (g.silu()? * u)?
-            }
-        };
-        layer.down.forward(&act)
+        let parts = layer
+            .gate_up
+            .forward_rows(h, rows, &self.device)?
+            .split(rows, &[f, f])?;
+        let [mut gate, up] = <[Vec<f32>; 2]>::try_from(parts)
+            .map_err(|_| ModelError::InvalidInput("gate/up split into other than 2".into()))?;
+        silu_mul(&mut gate, &up, f);
+        layer.down.forward_rows(&gate, rows, &self.device)
     }
 }

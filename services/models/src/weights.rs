@@ -116,48 +116,44 @@ impl Linear {
         Linear::Dense { w, out }
     }
 
-    /// `x · Wᵀ` for `x` of shape `[rows, in]`.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let rows = x.dim(0)?;
+    /// `x · Wᵀ` for `x` of `rows × in` (row-major): `rows × out`, row-major.
+    pub(crate) fn forward_rows(&self, x: &[f32], rows: usize, device: &Device) -> Result<Vec<f32>> {
         match self {
-            Linear::Dense { w, out } => {
-                let data = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let y = crate::kernels::matmul_t(&data, rows, w, *out);
-                Ok(Tensor::from_vec(y, (rows, *out), x.device())?)
-            }
-            Linear::Q8(m) => {
-                let data = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let y = m.matmul_t(&data, rows);
-                Ok(Tensor::from_vec(y, (rows, m.n()), x.device())?)
-            }
-            Linear::Q4(m) => {
-                let data = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                let y = m.matmul_t(&data, rows);
-                Ok(Tensor::from_vec(y, (rows, m.n()), x.device())?)
-            }
+            Linear::Dense { w, out } => Ok(crate::kernels::matmul_t(x, rows, w, *out)),
+            Linear::Q8(m) => Ok(m.matmul_t(x, rows)),
+            Linear::Q4(m) => Ok(m.matmul_t(x, rows)),
             Linear::Quant { matmul, dtype } => {
-                if rows == 1 {
-                    let twice = Tensor::cat(&[x, x], 0)?;
-                    return Ok(matmul.forward(&twice)?.narrow(0, 0, 1)?);
-                }
-                if *dtype == GgmlDType::Q4K && rows > QUANT_MAX_ROWS {
-                    let mut parts = Vec::new();
-                    let mut start = 0;
-                    while start < rows {
-                        // Never a one-row tail: it would take the one-row path.
-                        let mut n = QUANT_MAX_ROWS.min(rows - start);
-                        if rows - start - n == 1 {
-                            n -= 1;
-                        }
-                        parts.push(matmul.forward(&x.narrow(0, start, n)?)?);
-                        start += n;
-                    }
-                    return Ok(Tensor::cat(&parts, 0)?);
-                }
-                Ok(matmul.forward(x)?)
+                let k = x.len() / rows.max(1);
+                let x = Tensor::from_slice(x, (rows, k), device)?;
+                let y = candle_forward(matmul, *dtype, &x, rows)?;
+                Ok(to_f32(y)?.flatten_all()?.to_vec1::<f32>()?)
             }
         }
     }
+}
+
+/// candle's quantized matmul, called so that a row's result never depends on the batch:
+/// never one row alone (another path), q4_K in calls of at most [`QUANT_MAX_ROWS`].
+fn candle_forward(matmul: &QMatMul, dtype: GgmlDType, x: &Tensor, rows: usize) -> Result<Tensor> {
+    if rows == 1 {
+        let twice = Tensor::cat(&[x, x], 0)?;
+        return Ok(matmul.forward(&twice)?.narrow(0, 0, 1)?);
+    }
+    if dtype == GgmlDType::Q4K && rows > QUANT_MAX_ROWS {
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < rows {
+            // Never a one-row tail: it would take the one-row path.
+            let mut n = QUANT_MAX_ROWS.min(rows - start);
+            if rows - start - n == 1 {
+                n -= 1;
+            }
+            parts.push(matmul.forward(&x.narrow(0, start, n)?)?);
+            start += n;
+        }
+        return Ok(Tensor::cat(&parts, 0)?);
+    }
+    Ok(matmul.forward(x)?)
 }
 
 /// True when `bytes` may be handed to candle as blocks of `dtype` without tripping its
@@ -246,23 +242,54 @@ impl Fused {
         Ok(Fused::Many(mats))
     }
 
-    /// `[T, sum of parts' out]` when fused; the caller narrows. `Many` returns each part.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<FusedOut> {
+    /// The parts' outputs for `x` of `rows × in`: `[rows][part widths…]` concatenated when
+    /// fused (one matmul), else one `rows × width` block per part.
+    pub(crate) fn forward_rows(&self, x: &[f32], rows: usize, device: &Device) -> Result<FusedOut> {
         Ok(match self {
-            Fused::One(m) => FusedOut::One(m.forward(x)?),
+            Fused::One(m) => FusedOut::One(m.forward_rows(x, rows, device)?),
             Fused::Many(ms) => FusedOut::Many(
                 ms.iter()
-                    .map(|m| m.forward(x))
+                    .map(|m| m.forward_rows(x, rows, device))
                     .collect::<Result<Vec<_>>>()?,
             ),
         })
     }
 }
 
-/// Output of a [`Fused`] projection.
+/// Output of a [`Fused`] projection, row-major.
 pub(crate) enum FusedOut {
-    One(Tensor),
-    Many(Vec<Tensor>),
+    /// Every row holds all parts' columns, in order.
+    One(Vec<f32>),
+    /// One block per part.
+    Many(Vec<Vec<f32>>),
+}
+
+impl FusedOut {
+    /// Splits the columns of every row into the parts of `widths`: one `rows × width`
+    /// block per part.
+    pub(crate) fn split(self, rows: usize, widths: &[usize]) -> Result<Vec<Vec<f32>>> {
+        match self {
+            FusedOut::Many(parts) if parts.len() == widths.len() => Ok(parts),
+            FusedOut::Many(parts) => Err(crate::error::ModelError::InvalidInput(format!(
+                "a fused projection of {} parts split into {}",
+                parts.len(),
+                widths.len()
+            ))),
+            FusedOut::One(all) => {
+                let row: usize = widths.iter().sum();
+                let mut parts: Vec<Vec<f32>> =
+                    widths.iter().map(|w| Vec::with_capacity(rows * w)).collect();
+                for r in all.chunks_exact(row) {
+                    let mut at = 0;
+                    for (part, &w) in parts.iter_mut().zip(widths) {
+                        part.extend_from_slice(&r[at..at + w]);
+                        at += w;
+                    }
+                }
+                Ok(parts)
+            }
+        }
+    }
 }
 
 /// One transformer block.
