@@ -141,8 +141,9 @@ enum Cache {
     /// A sequence in a block pool, tokens recorded before each forward as the engine does
     /// (so commit seals): isolates what paged KV + sealing cost.
     Paged(PagedKv),
-    /// Like `Paged`, each forward run through `on_cpu_pool` from a thread outside the
-    /// pool, as the engine thread runs its steps: isolates that hand-off.
+    /// Like `Paged`, each forward run from a thread outside the pool as the engine thread
+    /// runs its steps — through `on_cpu_pool` where `Model::step_wants_pool` says so, on
+    /// the calling thread otherwise: isolates that choice.
     PagedStepped(PagedKv),
 }
 
@@ -166,13 +167,18 @@ impl Cache {
             Cache::PagedStepped(kv) => {
                 kv.record_tokens(start, tokens)
                     .map_err(err("record tokens"))?;
-                on_cpu_pool(|| {
+                let mut step = || {
                     model.forward(&mut [SeqStep {
                         tokens,
                         start_pos: start,
                         kv,
                     }])
-                })
+                };
+                if model.step_wants_pool(tokens.len()) {
+                    on_cpu_pool(step)
+                } else {
+                    step()
+                }
             }
         }
         .map_err(err("forward"))?;
@@ -323,7 +329,7 @@ impl Route {
             Route::Bare => "bare     Model::forward, ContiguousKv, argmax",
             Route::Runtime => "runtime  submit → StreamEvents, journal EveryRecord",
             Route::Paged => "paged    bare loop over PagedKv (file pool, sealing)",
-            Route::Stepped => "stepped  paged, but on_cpu_pool per step, as the engine",
+            Route::Stepped => "stepped  paged, engine's thread, pool when it pays",
             Route::Reference => "ref      candle-transformers quantized_llama",
         }
     }
@@ -427,8 +433,8 @@ fn throughput(
     let mut seq = 1u64;
     let mut run = |p: Route, n: usize| -> Res<Gen> {
         match p {
-            // The bare loops run whole on a rayon worker (`on_cpu_pool`), as the engine runs
-            // each step: candle's kernels then need no thread hop per op.
+            // The bare loops run whole on a rayon worker (`on_cpu_pool`): the kernels'
+            // parallel parts then need no thread hop.
             Route::Bare => {
                 let kv = ContiguousKv::new(model.kv_shape());
                 on_cpu_pool(|| bare_generate(&model, &prompt, n, eos, Cache::Contiguous(kv)))
@@ -552,7 +558,7 @@ fn print_throughput(t: &Throughput) {
          sealing {:+.1} µs (paged - bare),"
     , kv * 1e6);
     println!(
-        "      pool hand-off per step {:+.1} µs (stepped - paged), actors + task work: sample, \
+        "      engine-thread step (pool hand-off where taken) {:+.1} µs (stepped - paged), actors + task work: sample, \
          journal, deliver, 2 thread wake-ups {:+.1} µs (runtime - stepped)",
         hop * 1e6,
         actors * 1e6

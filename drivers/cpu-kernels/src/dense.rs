@@ -9,7 +9,7 @@ const COLUMNS_PER_TASK: usize = 16;
 
 /// Multiply-adds below which the product runs on the calling thread (a tiny model's
 /// projections cost less than handing them to the pool).
-const PARALLEL_MATMUL_WORK: usize = 1 << 16;
+const PARALLEL_MATMUL_WORK: usize = 1 << 18;
 
 /// Rows computed together against one weight row.
 const ROW_TILE: usize = 4;
@@ -76,17 +76,34 @@ fn columns_task<O: Ops>(
     out: &mut [f32],
 ) {
     let row = |r: usize| &x[r * k..(r + 1) * k];
+    let weights = |j: usize| &w[(first + j) * k..(first + j + 1) * k];
+    let tiled = rows - rows % ROW_TILE;
     for (j, column) in out.chunks_exact_mut(rows).enumerate() {
-        let c = first + j;
-        let wc = &w[c * k..(c + 1) * k];
-        let mut r = 0;
-        while r + ROW_TILE <= rows {
+        let wc = weights(j);
+        for r in (0..tiled).step_by(ROW_TILE) {
             let tile = ops.dot4([row(r), row(r + 1), row(r + 2), row(r + 3)], wc);
             column[r..r + ROW_TILE].copy_from_slice(&tile);
-            r += ROW_TILE;
         }
-        for (rr, value) in column.iter_mut().enumerate().skip(r) {
-            *value = ops.dot(row(rr), wc);
+    }
+    // The rows left over (all of them when decoding one): four columns at a time, so
+    // that four independent sums are in flight rather than one latency-bound chain
+    // (`dot(w, x)` is `dot(x, w)` bit for bit: each product commutes).
+    let columns = out.len() / rows;
+    for r in tiled..rows {
+        let x_r = row(r);
+        let mut j = 0;
+        while j + ROW_TILE <= columns {
+            let four = ops.dot4(
+                [weights(j), weights(j + 1), weights(j + 2), weights(j + 3)],
+                x_r,
+            );
+            for (i, value) in four.into_iter().enumerate() {
+                out[(j + i) * rows + r] = value;
+            }
+            j += ROW_TILE;
+        }
+        for j in j..columns {
+            out[j * rows + r] = ops.dot(x_r, weights(j));
         }
     }
 }

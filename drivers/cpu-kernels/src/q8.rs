@@ -27,7 +27,7 @@ pub(crate) const ROW_BLOCK: usize = 8;
 /// Row count from which work is split by rows rather than by column tiles.
 const ROWS_SPLIT_FROM: usize = 32;
 /// Multiply-adds below which the product runs on the calling thread.
-const PARALLEL_WORK: usize = 1 << 16;
+const PARALLEL_WORK: usize = 1 << 18;
 
 /// Malformed GGML blocks handed to a packed matrix (q8_0, q4_0, q4_1, q4_K, q6_K).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,8 +3,9 @@
 //! reference's own code, the remainder done by scalar code in order.
 
 use std::arch::x86_64::{
-    __m128i, __m256, _mm256_add_ps, _mm256_cvtph_ps, _mm256_loadu_ps, _mm256_mul_ps,
-    _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps, _mm_loadu_si128, _mm_prefetch,
+    __m128i, __m256, _mm256_add_ps, _mm256_castps256_ps128, _mm256_cvtph_ps, _mm256_extractf128_ps,
+    _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps,
+    _mm_add_ps, _mm_cvtss_f32, _mm_hadd_ps, _mm_loadu_si128, _mm_prefetch, _mm_storeu_ps,
     _MM_HINT_T0,
 };
 use std::sync::OnceLock;
@@ -12,7 +13,7 @@ use std::sync::OnceLock;
 use half::f16;
 
 use crate::ops::Ops;
-use crate::reference::{reduce, LANES};
+use crate::reference::LANES;
 
 /// Bytes per cache line (what one prefetch brings in).
 const CACHE_LINE: usize = 64;
@@ -104,14 +105,28 @@ impl Ops for Avx2 {
     }
 }
 
-/// The eight lanes of `v`, reduced as the reference does.
+/// The eight lanes of `v`, reduced as the reference does, in registers: the halves' sum
+/// gives `(l0+l4, l1+l5, l2+l6, l3+l7)`, and two horizontal adds the reference's pairs
+/// of those, then their sum (each add the same single IEEE operation as the reference's).
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
 fn reduce_lanes(v: __m256) -> f32 {
-    let mut lanes = [0f32; LANES];
-    // SAFETY: `lanes` holds exactly the eight f32 one unaligned store writes.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
-    reduce(&lanes)
+    let halves = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let pairs = _mm_hadd_ps(halves, halves);
+    _mm_cvtss_f32(_mm_hadd_ps(pairs, pairs))
+}
+
+/// [`reduce_lanes`] of four registers at once (one horizontal add serves two of them).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn reduce_lanes4(v: [__m256; 4]) -> [f32; 4] {
+    let halves = v.map(|v| _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v)));
+    let pairs01 = _mm_hadd_ps(halves[0], halves[1]);
+    let pairs23 = _mm_hadd_ps(halves[2], halves[3]);
+    let mut out = [0f32; 4];
+    // SAFETY: `out` holds exactly the four f32 one unaligned store writes.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_hadd_ps(pairs01, pairs23)) };
+    out
 }
 
 /// Eight f32 of `s` from `at` (`at + 8 <= s.len()`, checked).
@@ -166,13 +181,13 @@ fn dot4(rows: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
         }
         at += LANES;
     }
-    let mut out = [0f32; 4];
-    for ((o, a), row) in out.iter_mut().zip(acc).zip(rows) {
+    let mut out = reduce_lanes4(acc);
+    for (o, row) in out.iter_mut().zip(rows) {
         let mut tail = 0f32;
         for i in whole..n {
             tail += row[i] * w[i];
         }
-        *o = reduce_lanes(a) + tail;
+        *o += tail;
     }
     out
 }
@@ -227,7 +242,7 @@ fn dot_pairs<E: Wide>(a: [&[f32]; 4], b: [&[E]; 4]) -> [f32; 4] {
         }
         at += LANES;
     }
-    let mut out = [0f32; 4];
+    let mut tails = [0f32; 4];
     for i in 0..4 {
         let mut lane_at = common;
         while lane_at < whole[i] {
@@ -237,11 +252,13 @@ fn dot_pairs<E: Wide>(a: [&[f32]; 4], b: [&[E]; 4]) -> [f32; 4] {
             );
             lane_at += LANES;
         }
-        let mut tail = 0f32;
         for e in whole[i]..n[i] {
-            tail += a[i][e] * b[i][e].to_f32();
+            tails[i] += a[i][e] * b[i][e].to_f32();
         }
-        out[i] = reduce_lanes(acc[i]) + tail;
+    }
+    let mut out = reduce_lanes4(acc);
+    for (o, tail) in out.iter_mut().zip(tails) {
+        *o += tail;
     }
     out
 }

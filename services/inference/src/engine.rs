@@ -788,7 +788,9 @@ impl EngineThread {
         let heartbeat = &self.heartbeat;
         let batch = &mut taken;
         let wanted_ref = &wanted;
-        let result = llmos_models::on_cpu_pool(|| {
+        let rows: usize = run.iter().map(|&(_, n)| n).sum();
+        let on_pool = model.step_wants_pool(rows);
+        let mut step = || {
             let mut steps: Vec<SeqStep<'_>> = batch
                 .iter_mut()
                 .zip(run)
@@ -813,7 +815,13 @@ impl EngineThread {
                     on_layer: Some(&mut beat),
                 },
             )
-        });
+        };
+        // A small step runs here: handing it to the pool costs more than it computes.
+        let result = if on_pool {
+            llmos_models::on_cpu_pool(step)
+        } else {
+            step()
+        };
         for s in taken {
             self.seqs.insert(s.id, s);
         }

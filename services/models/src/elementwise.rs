@@ -51,7 +51,12 @@ pub(crate) struct Rotary {
 }
 
 impl Rotary {
-    pub(crate) fn new(head_dim: usize, theta: f32, max_positions: usize, layout: RopeLayout) -> Self {
+    pub(crate) fn new(
+        head_dim: usize,
+        theta: f32,
+        max_positions: usize,
+        layout: RopeLayout,
+    ) -> Self {
         let half = head_dim / 2;
         let freqs: Vec<f32> = (0..half)
             .map(|i| 1f32 / theta.powf((2 * i) as f32 / head_dim as f32))
@@ -77,7 +82,13 @@ impl Rotary {
     /// multiplies by `scale` (`v · scale + 0`, as candle's `affine`) when given. Pairs are
     /// adjacent (`Interleaved`) or half a head apart (`HalfSplit`); per pair
     /// `(a·c − b·s, a·s + b·c)`.
-    pub(crate) fn apply(&self, x: &mut [f32], row_width: usize, positions: &[usize], scale: Option<f32>) {
+    pub(crate) fn apply(
+        &self,
+        x: &mut [f32],
+        row_width: usize,
+        positions: &[usize],
+        scale: Option<f32>,
+    ) {
         let (half, layout) = (self.half, self.layout);
         each_row(x, row_width, |r, row| {
             let at = positions[r] * half;

@@ -50,7 +50,18 @@ pub struct Model {
     norms: Vec<[Vec<f32>; 2]>,
     /// The final norm's weights.
     final_norm: Vec<f32>,
+    /// Multiply-adds of the projections per new token (what a step's cost scales with).
+    macs_per_row: usize,
 }
+
+/// Projection multiply-adds of a step from which it is worth handing to the compute pool
+/// ([`Model::step_wants_pool`]): about a tenth of a millisecond of one core's work, where
+/// a hand-off to a sleeping worker thread and back costs tens of microseconds.
+const POOL_STEP_WORK: usize = 1 << 20;
+
+/// Attention work (query rows × keys × width, summed over sequences) from which a step's
+/// sequences attend in parallel.
+const PARALLEL_ATTENTION_WORK: usize = 1 << 16;
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -238,10 +249,17 @@ impl Model {
             .map(|l| Ok([vector(&l.attn_norm)?, vector(&l.ffn_norm)?]))
             .collect::<Result<Vec<_>>>()?;
         let final_norm = vector(&weights.norm)?;
+        let (qd, kvd) = (
+            config.n_heads * config.head_dim,
+            config.n_kv_heads * config.head_dim,
+        );
+        let per_layer = config.dim * (2 * qd + 2 * kvd) + 3 * config.dim * config.ffn_dim;
+        let macs_per_row = config.n_layers * per_layer + config.dim * config.vocab_size;
         Ok(Model {
             rotary,
             norms,
             final_norm,
+            macs_per_row,
             config,
             weights,
             device: device.clone(),
@@ -256,6 +274,14 @@ impl Model {
     /// The KV shape each sequence's store must have.
     pub fn kv_shape(&self) -> KvShape {
         self.config.kv_shape()
+    }
+
+    /// Whether a step computing `rows` new tokens is worth running on the compute pool
+    /// ([`crate::on_cpu_pool`]): large steps are, so that their kernels' parallel parts
+    /// fork inside it; a tiny model's decode step costs less than the hand-off and runs
+    /// on the calling thread (its kernels stay below their parallel thresholds).
+    pub fn step_wants_pool(&self, rows: usize) -> bool {
+        self.macs_per_row.saturating_mul(rows) >= POOL_STEP_WORK
     }
 
     /// The device the weights live on.
@@ -311,10 +337,7 @@ impl Model {
                 x.extend_from_slice(&self.weights.embed[at..at + c.dim]);
             }
         }
-        let positions: Vec<usize> = plans
-            .iter()
-            .flat_map(|p| p.start..p.start + p.n)
-            .collect();
+        let positions: Vec<usize> = plans.iter().flat_map(|p| p.start..p.start + p.n).collect();
         for (s, p) in batch.iter_mut().zip(&plans) {
             s.kv.reserve(p.start + p.n)?;
         }
@@ -467,17 +490,30 @@ impl Model {
             parts.push(part);
             rest = tail;
         }
-        batch
-            .par_iter()
-            .zip(plans.par_iter())
-            .zip(parts.into_par_iter())
-            .map(|((s, p), o)| {
-                let q = &q[p.offset * qd..(p.offset + p.n) * qd];
-                s.kv.view(layer, p.start + p.n, &mut |view| {
-                    crate::kernels::attention(q, view, p.start, shape, o)
-                })
+        let attend_one = |((s, p), o): ((&SeqStep<'_>, &SeqPlan), &mut [f32])| {
+            let q = &q[p.offset * qd..(p.offset + p.n) * qd];
+            s.kv.view(layer, p.start + p.n, &mut |view| {
+                crate::kernels::attention(q, view, p.start, shape, o)
             })
-            .collect::<std::result::Result<Vec<()>, llmos_kv::KvError>>()?;
+        };
+        // Sequences in parallel when there are several and enough work (one sequence's
+        // own attention splits by rows inside the kernel).
+        let work: usize = plans.iter().map(|p| p.n * (p.start + p.n) * qd).sum();
+        if plans.len() > 1 && work >= PARALLEL_ATTENTION_WORK {
+            batch
+                .par_iter()
+                .zip(plans.par_iter())
+                .zip(parts.into_par_iter())
+                .map(attend_one)
+                .collect::<std::result::Result<Vec<()>, llmos_kv::KvError>>()?;
+        } else {
+            batch
+                .iter()
+                .zip(plans)
+                .zip(parts)
+                .map(attend_one)
+                .collect::<std::result::Result<Vec<()>, llmos_kv::KvError>>()?;
+        }
         Ok(out)
     }
 

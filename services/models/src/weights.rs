@@ -277,8 +277,10 @@ impl FusedOut {
             ))),
             FusedOut::One(all) => {
                 let row: usize = widths.iter().sum();
-                let mut parts: Vec<Vec<f32>> =
-                    widths.iter().map(|w| Vec::with_capacity(rows * w)).collect();
+                let mut parts: Vec<Vec<f32>> = widths
+                    .iter()
+                    .map(|w| Vec::with_capacity(rows * w))
+                    .collect();
                 for r in all.chunks_exact(row) {
                     let mut at = 0;
                     for (part, &w) in parts.iter_mut().zip(widths) {
