@@ -1,7 +1,10 @@
-//! Dense `x·wᵀ` (f32 weights): whole output columns per parallel task, each weight row
-//! read once for a tile of four input rows; element `(r, c)` is exactly `dot(x[r], w[c])`.
+//! Dense `x·wᵀ` (f32 or f16 weights, kept at their width): whole output columns per
+//! parallel task, each weight row read once for a tile of four input rows; element
+//! `(r, c)` is exactly `dot(x[r], w[c])` (f16 weights widened exactly).
 
-use crate::ops::Ops;
+use half::f16;
+
+use crate::ops::{Elem, Ops};
 use crate::{for_each_chunk, with_ops, Dispatch};
 
 /// Output columns per parallel work item.
@@ -18,13 +21,24 @@ const ROW_TILE: usize = 4;
 /// result `rows × n`. Element `(r, c)` is exactly [`crate::dot`]`(x[r], w[c])`; work is
 /// split across rayon's current pool by output columns.
 pub fn matmul_t(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
-    struct Matmul<'a> {
+    dispatch(x, rows, w, n)
+}
+
+/// [`matmul_t`] over f16 weights, read at their width (half the bytes of f32) and widened
+/// exactly in registers: element `(r, c)` is exactly [`crate::reference::dot_f16`]`(x[r],
+/// w[c])`.
+pub fn matmul_t_f16(x: &[f32], rows: usize, w: &[f16], n: usize) -> Vec<f32> {
+    dispatch(x, rows, w, n)
+}
+
+fn dispatch<E: Elem>(x: &[f32], rows: usize, w: &[E], n: usize) -> Vec<f32> {
+    struct Matmul<'a, E> {
         x: &'a [f32],
         rows: usize,
-        w: &'a [f32],
+        w: &'a [E],
         n: usize,
     }
-    impl Dispatch<Vec<f32>> for Matmul<'_> {
+    impl<E: Elem> Dispatch<Vec<f32>> for Matmul<'_, E> {
         fn run<O: Ops>(self, ops: O) -> Vec<f32> {
             matmul_t_with(ops, self.x, self.rows, self.w, self.n)
         }
@@ -32,11 +46,11 @@ pub fn matmul_t(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
     with_ops(Matmul { x, rows, w, n })
 }
 
-pub(crate) fn matmul_t_with<O: Ops>(
+pub(crate) fn matmul_t_with<O: Ops, E: Elem>(
     ops: O,
     x: &[f32],
     rows: usize,
-    w: &[f32],
+    w: &[E],
     n: usize,
 ) -> Vec<f32> {
     if rows == 0 || n == 0 {
@@ -66,12 +80,12 @@ pub(crate) fn matmul_t_with<O: Ops>(
 
 /// The columns from `first` that `out` (column-major, `rows` per column) holds.
 #[inline(always)]
-fn columns_task<O: Ops>(
+fn columns_task<O: Ops, E: Elem>(
     ops: O,
     x: &[f32],
     rows: usize,
     k: usize,
-    w: &[f32],
+    w: &[E],
     first: usize,
     out: &mut [f32],
 ) {
@@ -81,21 +95,21 @@ fn columns_task<O: Ops>(
     for (j, column) in out.chunks_exact_mut(rows).enumerate() {
         let wc = weights(j);
         for r in (0..tiled).step_by(ROW_TILE) {
-            let tile = ops.dot4([row(r), row(r + 1), row(r + 2), row(r + 3)], wc);
+            let tile = E::dot4(ops, [row(r), row(r + 1), row(r + 2), row(r + 3)], wc);
             column[r..r + ROW_TILE].copy_from_slice(&tile);
         }
     }
     // The rows left over (all of them when decoding one): four columns at a time, so
     // that four independent sums are in flight rather than one latency-bound chain
-    // (`dot(w, x)` is `dot(x, w)` bit for bit: each product commutes).
     let columns = out.len() / rows;
     for r in tiled..rows {
         let x_r = row(r);
         let mut j = 0;
         while j + ROW_TILE <= columns {
-            let four = ops.dot4(
+            let four = E::dot_pairs(
+                ops,
+                [x_r; 4],
                 [weights(j), weights(j + 1), weights(j + 2), weights(j + 3)],
-                x_r,
             );
             for (i, value) in four.into_iter().enumerate() {
                 out[(j + i) * rows + r] = value;
@@ -103,7 +117,7 @@ fn columns_task<O: Ops>(
             j += ROW_TILE;
         }
         for j in j..columns {
-            out[j * rows + r] = ops.dot(x_r, weights(j));
+            out[j * rows + r] = E::dot(ops, x_r, weights(j));
         }
     }
 }

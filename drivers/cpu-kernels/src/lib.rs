@@ -35,7 +35,7 @@ mod tests;
 mod x86;
 
 pub use attention::{attention, AttentionShape, Rows};
-pub use dense::matmul_t;
+pub use dense::{matmul_t, matmul_t_f16};
 pub use half::f16;
 pub use q4::{Q4Format, Q4Matrix};
 pub use q8::{quantize_row, quantized_accelerated, Q8Format, Q8Matrix, QuantError, Q8_0_BLOCK};

@@ -77,8 +77,10 @@ impl Ops for Portable {
     }
 }
 
-/// An element type K/V rows may be stored in.
+/// An element type K/V rows and dense weights may be stored in.
 pub(crate) trait Elem: Copy + Send + Sync {
+    /// `ops.dot4` of four f32 rows against these elements (each `dot(rows[i], w)`).
+    fn dot4<O: Ops>(ops: O, rows: [&[f32]; 4], w: &[Self]) -> [f32; 4];
     /// `ops.dot` of f32 `q` against these elements.
     fn dot<O: Ops>(ops: O, q: &[f32], k: &[Self]) -> f32;
     /// `ops.dot_pairs` of f32 `q`s against these elements.
@@ -88,6 +90,11 @@ pub(crate) trait Elem: Copy + Send + Sync {
 }
 
 impl Elem for f32 {
+    #[inline(always)]
+    fn dot4<O: Ops>(ops: O, rows: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+        ops.dot4(rows, w)
+    }
+
     #[inline(always)]
     fn dot<O: Ops>(ops: O, q: &[f32], k: &[f32]) -> f32 {
         ops.dot(q, k)
@@ -105,6 +112,12 @@ impl Elem for f32 {
 }
 
 impl Elem for f16 {
+    /// Four pairs sharing one weight row: the same four dots, element for element.
+    #[inline(always)]
+    fn dot4<O: Ops>(ops: O, rows: [&[f32]; 4], w: &[f16]) -> [f32; 4] {
+        ops.dot_pairs_f16(rows, [w; 4])
+    }
+
     #[inline(always)]
     fn dot<O: Ops>(ops: O, q: &[f32], k: &[f16]) -> f32 {
         ops.dot_f16(q, k)

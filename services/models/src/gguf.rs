@@ -225,12 +225,13 @@ impl<'a> Tensors<'a> {
     fn linear(&self, name: &str, rows: usize, cols: usize) -> Result<RawLinear<'a>> {
         let (dtype, bytes) = self.bytes(name, &[rows, cols])?;
         let linear = match Self::is_float(dtype) {
-            Some(dt) => RawLinear::Dense(to_f32(Tensor::from_raw_buffer(
+            // Kept at its width: f16 projections stay f16 (see `DenseWeights`).
+            Some(dt) => RawLinear::Dense(Tensor::from_raw_buffer(
                 bytes,
                 dt,
                 &[rows, cols],
                 self.device,
-            )?)?),
+            )?),
             None => RawLinear::Quant {
                 dtype,
                 rows,

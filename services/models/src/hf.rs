@@ -275,7 +275,7 @@ impl Shards {
         self.route.contains_key(name)
     }
 
-    /// A float tensor as f32, after checking its type and shape.
+    /// A float tensor as stored (f32, f16 or bf16), after checking its type and shape.
     fn get(&self, name: &str, expected: &[usize]) -> Result<Tensor> {
         let &i = self
             .route
@@ -318,7 +318,7 @@ impl Shards {
                 ),
             ));
         }
-        to_f32(Tensor::from_raw_buffer(
+        Ok(Tensor::from_raw_buffer(
             view.data(),
             dtype,
             expected,
@@ -500,7 +500,7 @@ pub(crate) fn load(dir: &Path, device: &Device, progress: &dyn Fn(LoadProgress))
         });
     }
     let norm = get("model.norm.weight", &[dim])?;
-    let embed = Arc::new(embed.flatten_all()?.to_vec1::<f32>()?);
+    let embed = Arc::new(to_f32(embed)?.flatten_all()?.to_vec1::<f32>()?);
     let lm_head = if sh.has("lm_head.weight") {
         Linear::dense(&get("lm_head.weight", &[c.vocab_size, dim])?)?
     } else if c.tied_embeddings {

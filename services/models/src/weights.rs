@@ -11,7 +11,7 @@ use crate::error::Result;
 
 /// One projection weight `[out, in]` as loaded, before fusion.
 pub(crate) enum RawLinear<'a> {
-    /// A float matrix (already f32 on the target device).
+    /// A float matrix (f32, f16 or bf16, as stored) on the target device.
     Dense(Tensor),
     /// A GGML block-quantized matrix: its raw blocks (borrowed from the file's map),
     /// row-major, `rows × cols`.
@@ -46,8 +46,8 @@ pub(crate) enum Linear {
     /// candle's gemm sums in another order for one row (and, for small outputs, for up to
     /// four rows) than for many.
     Dense {
-        /// Row-major `[out, in]` f32 (shared with the embedding when tied).
-        w: Arc<Vec<f32>>,
+        /// Row-major `[out, in]` (f32 shared with the embedding when tied).
+        w: DenseWeights,
         /// Output width.
         out: usize,
     },
@@ -66,6 +66,15 @@ pub(crate) enum Linear {
     Q4(Arc<llmos_cpu_kernels::Q4Matrix>),
 }
 
+/// A float matrix's elements, at the width they were stored in: f16 stays f16 (half the
+/// bytes to stream per token), widened exactly in the kernel's registers; bf16 and f32
+/// are held as f32 (bf16 → f32 is exact).
+#[derive(Clone, Debug)]
+pub(crate) enum DenseWeights {
+    F32(Arc<Vec<f32>>),
+    F16(Arc<Vec<llmos_cpu_kernels::f16>>),
+}
+
 /// Rows per call of a q4_K matmul (see [`Linear::Quant`]).
 const QUANT_MAX_ROWS: usize = 31;
 
@@ -73,11 +82,12 @@ impl Linear {
     /// A dense projection from a float tensor `[out, in]`.
     pub(crate) fn dense(t: &Tensor) -> Result<Linear> {
         let (out, _) = t.dims2()?;
-        let w = to_f32(t.clone())?.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Linear::Dense {
-            w: Arc::new(w),
-            out,
-        })
+        let w = if t.dtype() == DType::F16 {
+            DenseWeights::F16(Arc::new(t.flatten_all()?.to_vec1()?))
+        } else {
+            DenseWeights::F32(Arc::new(to_f32(t.clone())?.flatten_all()?.to_vec1()?))
+        };
+        Ok(Linear::Dense { w, out })
     }
 
     /// A projection over GGML blocks of `dtype`, `rows × cols` (the caller checks
@@ -113,13 +123,23 @@ impl Linear {
 
     /// A dense projection sharing `w` (`[out, in]` row-major).
     pub(crate) fn shared(w: Arc<Vec<f32>>, out: usize) -> Linear {
-        Linear::Dense { w, out }
+        Linear::Dense {
+            w: DenseWeights::F32(w),
+            out,
+        }
     }
 
     /// `x · Wᵀ` for `x` of `rows × in` (row-major): `rows × out`, row-major.
     pub(crate) fn forward_rows(&self, x: &[f32], rows: usize, device: &Device) -> Result<Vec<f32>> {
         match self {
-            Linear::Dense { w, out } => Ok(crate::kernels::matmul_t(x, rows, w, *out)),
+            Linear::Dense {
+                w: DenseWeights::F32(w),
+                out,
+            } => Ok(crate::kernels::matmul_t(x, rows, w, *out)),
+            Linear::Dense {
+                w: DenseWeights::F16(w),
+                out,
+            } => Ok(crate::kernels::matmul_t_f16(x, rows, w, *out)),
             Linear::Q8(m) => Ok(m.matmul_t(x, rows)),
             Linear::Q4(m) => Ok(m.matmul_t(x, rows)),
             Linear::Quant { matmul, dtype } => {
@@ -210,6 +230,12 @@ impl Fused {
                     RawLinear::Quant { .. } => unreachable!("checked all dense"),
                 })
                 .collect();
+            // One storage type for the fused matrix: the parts' own when they share it.
+            let ts = if ts.iter().all(|t| t.dtype() == ts[0].dtype()) {
+                ts
+            } else {
+                ts.into_iter().map(to_f32).collect::<Result<Vec<_>>>()?
+            };
             return Ok(Fused::One(Linear::dense(&Tensor::cat(&ts, 0)?)?));
         }
         if let (true, Some((dtype, cols))) = (same_quant, first_q) {
@@ -324,4 +350,45 @@ pub(crate) fn to_f32(t: Tensor) -> Result<Tensor> {
     } else {
         t.to_dtype(DType::F32)?
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_weights_stay_f16_and_compute_what_their_f32_widening_computes() {
+        let (out, k, rows) = (37, 70, 5);
+        let w: Vec<f32> = (0..out * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 997.0 - 0.5)
+            .collect();
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let dev = Device::Cpu;
+        let half = Tensor::from_vec(w, (out, k), &dev)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        let at_width = Linear::dense(&half).unwrap();
+        assert!(matches!(
+            at_width,
+            Linear::Dense {
+                w: DenseWeights::F16(_),
+                ..
+            }
+        ));
+        let widened = Linear::dense(&half.to_dtype(DType::F32).unwrap()).unwrap();
+        assert!(matches!(
+            widened,
+            Linear::Dense {
+                w: DenseWeights::F32(_),
+                ..
+            }
+        ));
+        let a = at_width.forward_rows(&x, rows, &dev).unwrap();
+        let b = widened.forward_rows(&x, rows, &dev).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b));
+    }
 }
