@@ -357,6 +357,9 @@ struct Throughput {
     paired: f64,
     same_tokens: bool,
     generated: usize,
+    /// llama2.c `run.c` on the same model's `.bin` (stories260K only): median tok/s, or
+    /// why there is none.
+    llama2c: Option<Result<f64, String>>,
 }
 
 impl Throughput {
@@ -386,6 +389,35 @@ struct ModelUnderTest {
 
 /// Interleaves the five paths round by round (rotating which goes first) on one model and
 /// one booted runtime; the bare loops use the runtime's own `Arc<Model>`.
+/// llama2.c's `run.c` binary: `$LLAMA2C_RUN`, else `~/.cache/llmos-anchors/llama2.c/run`
+/// (../shared/ANCHORS.md: `gcc -Ofast -march=native run.c -lm`).
+fn llama2c_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("LLAMA2C_RUN") {
+        return Some(PathBuf::from(path)).filter(|p| p.is_file());
+    }
+    let home = std::env::var_os("HOME")?;
+    Some(Path::new(&home).join(".cache/llmos-anchors/llama2.c/run")).filter(|p| p.is_file())
+}
+
+/// One greedy run of `run.c` over `positions` positions of `PROMPT`: its own
+/// "achieved tok/s" (timed from the second position, as ours are from the second token).
+fn llama2c_tps(run: &Path, model_dir: &Path, positions: usize) -> Res<f64> {
+    let out = std::process::Command::new(run)
+        .arg(model_dir.join("stories260K.bin"))
+        .arg("-z")
+        .arg(model_dir.join("tok512.bin"))
+        .args(["-t", "0", "-n", &positions.to_string(), "-i", PROMPT])
+        .output()
+        .map_err(err("run.c"))?;
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    text.split("achieved tok/s:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("run.c printed no tok/s ({})", out.status))
+}
+
 fn throughput(
     rt: &tokio::runtime::Runtime,
     m: &ModelUnderTest,
@@ -468,10 +500,17 @@ fn throughput(
         run(p, warmup_tokens)?;
     }
     let mut gens: [Vec<Gen>; 5] = Default::default();
+    let anchor = (m.name == "stories260K").then(llama2c_binary);
+    let model_dir = m.path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut anchor_tps: Vec<f64> = Vec::new();
     for round in 0..rounds {
         for i in 0..PATHS.len() {
             let k = (i + round) % PATHS.len();
             gens[k].push(run(PATHS[k], tokens)?);
+        }
+        // The anchor in the same round, over as many positions as ours.
+        if let Some(Some(bin)) = &anchor {
+            anchor_tps.push(llama2c_tps(bin, &model_dir, prompt.len() + tokens)?);
         }
         let tps = |k: usize| gens[k][round].decode_tps();
         println!(
@@ -519,6 +558,12 @@ fn throughput(
         paired: median_f64(&mut paired),
         same_tokens,
         generated: reference_tokens.len(),
+        llama2c: anchor.map(|bin| match bin {
+            Some(_) => Ok(median_f64(&mut anchor_tps)),
+            None => Err("ANCHOR MISSING: llama2.c run.c not found ($LLAMA2C_RUN or \
+                         ~/.cache/llmos-anchors/llama2.c/run; ../shared/ANCHORS.md says how to build it)"
+                .into()),
+        }),
     })
 }
 
@@ -567,6 +612,16 @@ fn print_throughput(t: &Throughput) {
         "    every path generated the same tokens: {}",
         if t.same_tokens { "yes" } else { "NO" }
     );
+    match &t.llama2c {
+        Some(Ok(anchor)) => println!(
+            "    llama2.c run.c on the same model (.bin), same prompt and positions, in the same rounds: \
+             {anchor:.1} tok/s median; runtime {:.2}x, bare {:.2}x of it (target ≥ 0.8 through the runtime)",
+            t.get(Route::Runtime).tps / anchor,
+            t.get(Route::Bare).tps / anchor
+        ),
+        Some(Err(why)) => println!("    {why}"),
+        None => {}
+    }
     if t.generated < t.tokens {
         println!(
             "    note: generation hit end-of-sequence after {} tokens (all paths stop alike)",

@@ -81,7 +81,14 @@ fn other_weights() -> Res<Vec<GgmlDType>> {
         .collect()
 }
 
+/// The llmos binary: `$LLMOS_BIN`, else built in release mode once per bench run (every
+/// server of the run is the same build, whatever changes in the tree meanwhile).
 fn llmos_binary() -> Res<PathBuf> {
+    static BUILT: std::sync::OnceLock<Res<PathBuf>> = std::sync::OnceLock::new();
+    BUILT.get_or_init(build_llmos).clone()
+}
+
+fn build_llmos() -> Res<PathBuf> {
     if let Some(bin) = std::env::var_os("LLMOS_BIN") {
         return Ok(PathBuf::from(bin));
     }
@@ -116,7 +123,8 @@ fn free_port() -> Res<u16> {
 /// A server process, killed when dropped.
 struct Server {
     name: &'static str,
-    child: Child,
+    /// Locked only to poll or reap it (the measured runs share the server by reference).
+    child: std::sync::Mutex<Child>,
     addr: SocketAddr,
     model: String,
     _state: Option<tempfile::TempDir>,
@@ -124,8 +132,9 @@ struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let child = self.child.get_mut().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
         // `BENCH_LLMOS_LOG=llmos::engine=debug` and the log is kept for a look.
         if let (Some(state), true) = (&self._state, std::env::var_os("BENCH_LLMOS_LOG").is_some()) {
             let kept = workspace().join("target/release/llmos-bench-serve.log");
@@ -140,7 +149,7 @@ impl Server {
     fn wait_ready(&mut self) -> Res<()> {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(300) {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(status) = self.exited() {
                 return Err(format!("{} exited while starting: {status}", self.name));
             }
             if let Ok((200, _, _)) = open(self.addr, "GET", "/health", &[], None, IO_TIMEOUT) {
@@ -156,8 +165,18 @@ impl Server {
     fn set_running(&self, running: bool) {
         let signal = if running { "-CONT" } else { "-STOP" };
         let _ = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
+            .args([signal, &self.pid().to_string()])
             .status();
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.lock().unwrap_or_else(|e| e.into_inner()).id()
+    }
+
+    /// How the process ended, if it has.
+    fn exited(&self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        child.try_wait().ok().flatten()
     }
 
     fn get(&self, path: &str) -> Res<String> {
@@ -191,7 +210,7 @@ fn start_llmos(model: &Path) -> Res<Server> {
         .map_err(err("start llmos"))?;
     let mut server = Server {
         name: "llmos",
-        child,
+        child: std::sync::Mutex::new(child),
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
         model: model
             .file_name()
@@ -216,7 +235,7 @@ fn start_llama(bin: &Path, model: &Path) -> Res<Server> {
         .map_err(err("start llama-server"))?;
     let mut server = Server {
         name: "llama.cpp",
-        child,
+        child: std::sync::Mutex::new(child),
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
         model: "bench".into(),
         _state: None,
@@ -368,6 +387,14 @@ fn alone<T>(servers: &[&Server], measured: &Server, f: impl FnOnce() -> T) -> T 
     for s in servers.iter().filter(|s| s.addr != measured.addr) {
         s.set_running(true);
     }
+    // A server that died mid-bench makes every later figure meaningless: say so, loudly.
+    if let Some(status) = measured.exited() {
+        eprintln!(
+            "BENCH INVALID: {} exited during the run ({status}); set BENCH_LLMOS_LOG=info to keep its log",
+            measured.name
+        );
+        std::process::exit(2);
+    }
     out
 }
 
@@ -470,7 +497,7 @@ fn bench() -> Res<()> {
     let others = other_weights()?;
     let model = bench_model(GgmlDType::Q8_0)?;
     let tokenizer = Tokenizer::from_gguf_file(&model).map_err(err("tokenizer"))?;
-    let mut llmos = start_llmos(&model)?;
+    let llmos = start_llmos(&model)?;
     let llama = match anchor() {
         Some(bin) => Some(start_llama(&bin, &model)?),
         None => {
@@ -589,7 +616,6 @@ fn bench() -> Res<()> {
         mean("llmos_engine_batch_tokens"),
         sample(&metrics, "llmos_preemptions_total"),
     );
-    let _ = llmos.child.try_wait();
     drop((llmos, llama));
     let mut other_rows = Vec::new();
     for dtype in others {
