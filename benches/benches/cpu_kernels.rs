@@ -1,7 +1,7 @@
 //! CPU kernel micro-bench: GB/s and GFLOP/s of each hot-path kernel of the forward
-//! (`llmos-cpu-kernels`: dense f32 matmul, attention over f16 and f32 K/V; candle's
-//! quantized q8_0 / q4_K matmul as the projections of quantized models use it), printed
-//! against this machine's read bandwidth measured in the same run. Shapes are the 134M
+//! (`llmos-cpu-kernels`: dense f32 and f16 matmul, our q8_0 / q6_K / q4_0 / q4_K matmuls,
+//! attention over f16 and f32 K/V; candle's quantized matmuls beside ours for
+//! comparison), printed against this machine's read bandwidth measured in the same run. Shapes are the 134M
 //! bench model's (dim 768, 12 heads of 64). `cargo bench -p llmos-benches --bench cpu_kernels`.
 
 use std::hint::black_box;
@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use llmos_cpu_kernels::{attention, f16, matmul_t, AttentionShape, Q8Matrix, Rows};
+use llmos_cpu_kernels::{
+    attention, f16, matmul_t, matmul_t_f16, AttentionShape, Q4Format, Q4Matrix, Q8Format, Q8Matrix,
+    Rows,
+};
 
 const THREADS: usize = 2;
 const DIM: usize = 768;
@@ -123,20 +126,57 @@ fn quantized(dtype: GgmlDType, rows: usize, n: usize) -> Line {
     }
 }
 
-fn own_q8_0(rows: usize, n: usize) -> Line {
+/// `x · Wᵀ` for `rows` rows of `x`.
+type Matmul = dyn Fn(&[f32], usize) -> Vec<f32>;
+
+/// Our own kernel for GGML `dtype` (q8_0, q6_K: `Q8Matrix`; q4_0, q4_1, q4_K: `Q4Matrix`).
+fn own_quantized(dtype: GgmlDType, rows: usize, n: usize) -> Line {
     let dev = Device::Cpu;
     let w = Tensor::from_vec(random(n * DIM, 4), (n, DIM), &dev).expect("weights");
-    let q = QTensor::quantize(&w, GgmlDType::Q8_0).expect("quantize");
-    let raw = q.data().expect("q8_0 bytes");
-    let m = Q8Matrix::from_ggml(llmos_cpu_kernels::Q8Format::Q8_0, &raw, n, DIM).expect("repack");
+    let q = QTensor::quantize(&w, dtype).expect("quantize");
+    let raw = q.data().expect("GGML bytes");
     let x = random(rows * DIM, 5);
+    let matmul: Box<Matmul> = match dtype {
+        GgmlDType::Q8_0 | GgmlDType::Q6K => {
+            let format = if dtype == GgmlDType::Q8_0 {
+                Q8Format::Q8_0
+            } else {
+                Q8Format::Q6K
+            };
+            let m = Q8Matrix::from_ggml(format, &raw, n, DIM).expect("repack");
+            Box::new(move |x, rows| m.matmul_t(x, rows))
+        }
+        _ => {
+            let format = match dtype {
+                GgmlDType::Q4_0 => Q4Format::Q4_0,
+                GgmlDType::Q4_1 => Q4Format::Q4_1,
+                _ => Q4Format::Q4K,
+            };
+            let m = Q4Matrix::from_ggml(format, &raw, n, DIM).expect("repack");
+            Box::new(move |x, rows| m.matmul_t(x, rows))
+        }
+    };
     let seconds = time(|| {
-        black_box(m.matmul_t(&x, rows));
+        black_box(matmul(&x, rows));
     });
     Line {
-        name: format!("own q8_0 matmul {rows}×{DIM} · ({n}×{DIM})ᵀ"),
+        name: format!("own {dtype:?} matmul {rows}×{DIM} · ({n}×{DIM})ᵀ"),
         seconds,
         bytes: (raw.len() + (rows * DIM + rows * n) * 4) as f64,
+        flops: (2 * rows * n * DIM) as f64,
+    }
+}
+
+fn dense_f16(rows: usize, n: usize) -> Line {
+    let x = random(rows * DIM, 2);
+    let w: Vec<f16> = random(n * DIM, 3).into_iter().map(f16::from_f32).collect();
+    let seconds = time(|| {
+        black_box(matmul_t_f16(&x, rows, &w, n));
+    });
+    Line {
+        name: format!("dense f16 matmul {rows}×{DIM} · ({n}×{DIM})ᵀ"),
+        seconds,
+        bytes: (n * DIM * 2 + (rows * DIM + rows * n) * 4) as f64,
         flops: (2 * rows * n * DIM) as f64,
     }
 }
@@ -229,11 +269,48 @@ fn main() {
             "q8_0 512",
             Box::new(|| quantized(GgmlDType::Q8_0, 512, DIM)),
         ),
-        ("own q8_0 1", Box::new(|| own_q8_0(1, DIM))),
-        ("own q8_0 16", Box::new(|| own_q8_0(16, DIM))),
-        ("own q8_0 512", Box::new(|| own_q8_0(512, DIM))),
+        ("dense f16 1", Box::new(|| dense_f16(1, DIM))),
+        ("dense f16 16", Box::new(|| dense_f16(16, DIM))),
+        (
+            "own q8_0 1",
+            Box::new(|| own_quantized(GgmlDType::Q8_0, 1, DIM)),
+        ),
+        (
+            "own q8_0 16",
+            Box::new(|| own_quantized(GgmlDType::Q8_0, 16, DIM)),
+        ),
+        (
+            "own q8_0 512",
+            Box::new(|| own_quantized(GgmlDType::Q8_0, 512, DIM)),
+        ),
         ("q4_k 1", Box::new(|| quantized(GgmlDType::Q4K, 1, DIM))),
         ("q4_k 16", Box::new(|| quantized(GgmlDType::Q4K, 16, DIM))),
+        ("q4_k 512", Box::new(|| quantized(GgmlDType::Q4K, 512, DIM))),
+        (
+            "own q4_k 1",
+            Box::new(|| own_quantized(GgmlDType::Q4K, 1, DIM)),
+        ),
+        (
+            "own q4_k 16",
+            Box::new(|| own_quantized(GgmlDType::Q4K, 16, DIM)),
+        ),
+        (
+            "own q4_k 512",
+            Box::new(|| own_quantized(GgmlDType::Q4K, 512, DIM)),
+        ),
+        (
+            "own q4_0 16",
+            Box::new(|| own_quantized(GgmlDType::Q4_0, 16, DIM)),
+        ),
+        ("q6_k 16", Box::new(|| quantized(GgmlDType::Q6K, 16, DIM))),
+        (
+            "own q6_k 1",
+            Box::new(|| own_quantized(GgmlDType::Q6K, 1, DIM)),
+        ),
+        (
+            "own q6_k 16",
+            Box::new(|| own_quantized(GgmlDType::Q6K, 16, DIM)),
+        ),
         (
             "attention decode f16",
             Box::new(|| attend(16, 256, 1, true)),
