@@ -167,17 +167,16 @@ fn attend_tile<O: Ops>(
             Rows::F16(k) => score_run(ops, &tile, k, j, &mut scores, &mut max),
         };
     }
-    let mut sums = vec![0f32; rows * n_heads];
-    for t in 0..rows {
-        for h in 0..n_heads {
-            let th = t * n_heads + h;
-            let mut sum = 0f32;
-            for j in 0..first + t + 1 {
-                let s = &mut scores[j * pairs + th];
-                *s = (*s - max[th]).exp();
-                sum += *s;
-            }
-            sums[th] = sum;
+    // Position by position, every (row, head) sum advancing together: each sum is still
+    // in position order, but the chains are independent (no add waits on the one before),
+    // and a position's scores are adjacent. Row t attends positions up to first + t.
+    let mut sums = vec![0f32; pairs];
+    for j in 0..len {
+        let from = j.saturating_sub(first) * n_heads;
+        let row = &mut scores[j * pairs + from..(j + 1) * pairs];
+        for ((s, &m), sum) in row.iter_mut().zip(&max[from..]).zip(&mut sums[from..]) {
+            *s = (*s - m).exp();
+            *sum += *s;
         }
     }
     out.fill(0.0);
@@ -216,6 +215,26 @@ fn score_run<O: Ops, E: Elem>(
     let n_heads = tile.shape.n_heads;
     let hd = tile.shape.head_dim;
     let width = n_heads * hd;
+    if tile.rows == 1 && n_heads.is_multiple_of(4) {
+        // A decode row: four heads at a time straight into this position's scores.
+        return each_row(ops, tile, keys, j, |j, key| {
+            let row = &mut scores[j * n_heads..(j + 1) * n_heads];
+            for (((s4, m4), q4), at4) in row
+                .chunks_exact_mut(4)
+                .zip(max.chunks_exact_mut(4))
+                .zip(tile.q.chunks_exact(4 * hd))
+                .zip(tile.kv_at.chunks_exact(4))
+            {
+                let q: [&[f32]; 4] = std::array::from_fn(|i| &q4[i * hd..(i + 1) * hd]);
+                let k: [&[E]; 4] = std::array::from_fn(|i| &key[at4[i]..at4[i] + hd]);
+                let four = E::dot_pairs(ops, q, k);
+                for ((s, m), v) in s4.iter_mut().zip(m4.iter_mut()).zip(four) {
+                    *s = v;
+                    *m = m.max(v);
+                }
+            }
+        });
+    }
     each_row(ops, tile, keys, j, |j, key| {
         let mut record = |th: usize, s: f32| {
             scores[j * tile.rows * n_heads + th] = s;
@@ -259,6 +278,15 @@ fn weigh_run<O: Ops, E: Elem>(
     let n_heads = tile.shape.n_heads;
     let hd = tile.shape.head_dim;
     let width = n_heads * hd;
+    if tile.rows == 1 {
+        // A decode row: each head's value added straight into its output, no gather.
+        return each_row(ops, tile, values, j, |j, value| {
+            let weights = &scores[j * n_heads..(j + 1) * n_heads];
+            for ((o, &w), &at) in out.chunks_exact_mut(hd).zip(weights).zip(&tile.kv_at) {
+                E::axpy_rows(ops, o, hd, &[w], &value[at..at + hd]);
+            }
+        });
+    }
     each_row(ops, tile, values, j, |j, value| {
         let t0 = j.saturating_sub(tile.first);
         let count = tile.rows - t0;

@@ -106,9 +106,9 @@ fn columns_task<O: Ops, E: Elem>(
         let x_r = row(r);
         let mut j = 0;
         while j + ROW_TILE <= columns {
-            let four = E::dot_pairs(
+            let four = E::dot_columns4(
                 ops,
-                [x_r; 4],
+                x_r,
                 [weights(j), weights(j + 1), weights(j + 2), weights(j + 3)],
             );
             for (i, value) in four.into_iter().enumerate() {

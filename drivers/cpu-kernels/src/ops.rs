@@ -81,6 +81,8 @@ impl Ops for Portable {
 pub(crate) trait Elem: Copy + Send + Sync {
     /// `ops.dot4` of four f32 rows against these elements (each `dot(rows[i], w)`).
     fn dot4<O: Ops>(ops: O, rows: [&[f32]; 4], w: &[Self]) -> [f32; 4];
+    /// `dot(x, columns[i])` for four weight rows: one row's products against four columns.
+    fn dot_columns4<O: Ops>(ops: O, x: &[f32], columns: [&[Self]; 4]) -> [f32; 4];
     /// `ops.dot` of f32 `q` against these elements.
     fn dot<O: Ops>(ops: O, q: &[f32], k: &[Self]) -> f32;
     /// `ops.dot_pairs` of f32 `q`s against these elements.
@@ -93,6 +95,13 @@ impl Elem for f32 {
     #[inline(always)]
     fn dot4<O: Ops>(ops: O, rows: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
         ops.dot4(rows, w)
+    }
+
+    /// `dot(w, x)` is `dot(x, w)` bit for bit (each product commutes): four columns as
+    /// the "rows" of `dot4`, the one input row shared.
+    #[inline(always)]
+    fn dot_columns4<O: Ops>(ops: O, x: &[f32], columns: [&[f32]; 4]) -> [f32; 4] {
+        ops.dot4(columns, x)
     }
 
     #[inline(always)]
@@ -116,6 +125,11 @@ impl Elem for f16 {
     #[inline(always)]
     fn dot4<O: Ops>(ops: O, rows: [&[f32]; 4], w: &[f16]) -> [f32; 4] {
         ops.dot_pairs_f16(rows, [w; 4])
+    }
+
+    #[inline(always)]
+    fn dot_columns4<O: Ops>(ops: O, x: &[f32], columns: [&[f16]; 4]) -> [f32; 4] {
+        ops.dot_pairs_f16([x; 4], columns)
     }
 
     #[inline(always)]
