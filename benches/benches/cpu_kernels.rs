@@ -189,7 +189,18 @@ fn attend(seqs: usize, context: usize, rows: usize, half: bool) -> Line {
         n_kv_heads: HEADS,
         head_dim: HEAD_DIM,
     };
-    let row = HEADS * HEAD_DIM;
+    attend_shaped(shape, seqs, context, rows, half)
+}
+
+fn attend_shaped(
+    shape: AttentionShape,
+    seqs: usize,
+    context: usize,
+    rows: usize,
+    half: bool,
+) -> Line {
+    let row = shape.n_kv_heads * shape.head_dim;
+    let q_row = shape.n_heads * shape.head_dim;
     // Each sequence its own K/V, as in a server (not one cache-resident copy).
     let keys: Vec<Vec<f32>> = (0..seqs)
         .map(|i| random(context * row, 6 + 2 * i as u64))
@@ -218,8 +229,8 @@ fn attend(seqs: usize, context: usize, rows: usize, half: bool) -> Line {
             }
         })
         .collect();
-    let q = random(rows * row, 8);
-    let mut out = vec![0f32; rows * row];
+    let q = random(rows * q_row, 8);
+    let mut out = vec![0f32; rows * q_row];
     let start = context - rows;
     let seconds = time(|| {
         for runs in &runs {
@@ -235,12 +246,20 @@ fn attend(seqs: usize, context: usize, rows: usize, half: bool) -> Line {
     let pairs: usize = (0..rows).map(|t| start + t + 1).sum();
     Line {
         name: format!(
-            "attention {} K/V, {seqs} seq × {rows} row(s) at {context}",
-            if half { "f16" } else { "f32" }
+            "attention {} K/V, {seqs} seq × {rows} row(s) at {context}{}",
+            if half { "f16" } else { "f32" },
+            if shape.head_dim == HEAD_DIM {
+                String::new()
+            } else {
+                format!(
+                    " ({}/{} heads of {})",
+                    shape.n_heads, shape.n_kv_heads, shape.head_dim
+                )
+            }
         ),
         seconds,
         bytes: kv_bytes as f64,
-        flops: (seqs * pairs * HEADS * HEAD_DIM * 4) as f64,
+        flops: (seqs * pairs * q_row * 4) as f64,
     }
 }
 
@@ -322,6 +341,18 @@ fn main() {
         (
             "attention decode f16 long",
             Box::new(|| attend(64, 512, 1, true)),
+        ),
+        (
+            // stories260K's shape: per-score overheads dominate, not bandwidth.
+            "attention decode tiny heads",
+            Box::new(|| {
+                let tiny = AttentionShape {
+                    n_heads: 8,
+                    n_kv_heads: 4,
+                    head_dim: 8,
+                };
+                attend_shaped(tiny, 1, 160, 1, false)
+            }),
         ),
         (
             "attention prefill f16",

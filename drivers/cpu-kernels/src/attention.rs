@@ -215,26 +215,6 @@ fn score_run<O: Ops, E: Elem>(
     let n_heads = tile.shape.n_heads;
     let hd = tile.shape.head_dim;
     let width = n_heads * hd;
-    if tile.rows == 1 && n_heads.is_multiple_of(4) {
-        // A decode row: four heads at a time straight into this position's scores.
-        return each_row(ops, tile, keys, j, |j, key| {
-            let row = &mut scores[j * n_heads..(j + 1) * n_heads];
-            for (((s4, m4), q4), at4) in row
-                .chunks_exact_mut(4)
-                .zip(max.chunks_exact_mut(4))
-                .zip(tile.q.chunks_exact(4 * hd))
-                .zip(tile.kv_at.chunks_exact(4))
-            {
-                let q: [&[f32]; 4] = std::array::from_fn(|i| &q4[i * hd..(i + 1) * hd]);
-                let k: [&[E]; 4] = std::array::from_fn(|i| &key[at4[i]..at4[i] + hd]);
-                let four = E::dot_pairs(ops, q, k);
-                for ((s, m), v) in s4.iter_mut().zip(m4.iter_mut()).zip(four) {
-                    *s = v;
-                    *m = m.max(v);
-                }
-            }
-        });
-    }
     each_row(ops, tile, keys, j, |j, key| {
         let mut record = |th: usize, s: f32| {
             scores[j * tile.rows * n_heads + th] = s;
