@@ -391,6 +391,9 @@ pub(crate) fn tiled_matmul(
 pub(crate) struct QuantRows {
     /// `[row][k]`.
     pub(crate) unsigned: Vec<u8>,
+    /// `[row][k]`: the same activations signed (what the 4-bit kernels multiply their
+    /// unsigned nibbles by, broadcast straight from memory).
+    pub(crate) signed: Vec<i8>,
     /// `[row][block]`.
     pub(crate) scales: Vec<f32>,
     /// `[row][block]`: the sum of the block's quantised activations (what a weight
@@ -434,12 +437,14 @@ impl QuantRows {
                 .zip(x.chunks(k))
                 .for_each(row);
         }
-        let sums = unsigned
+        let signed: Vec<i8> = unsigned.iter().map(|&u| (u ^ 0x80) as i8).collect();
+        let sums = signed
             .chunks_exact(Q8_0_BLOCK)
-            .map(|block| block.iter().map(|&u| i32::from(u) - 128).sum())
+            .map(|block| block.iter().map(|&q| i32::from(q)).sum())
             .collect();
         Self {
             unsigned,
+            signed,
             scales,
             sums,
             k,

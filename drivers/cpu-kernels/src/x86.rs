@@ -386,8 +386,8 @@ fn q4_rows<const R: usize>(
     };
     let k = xq.k;
     let blocks = matrix.blocks();
-    let rows: [&[u8]; R] =
-        std::array::from_fn(|i| &xq.unsigned[(first + i) * k..(first + i + 1) * k]);
+    let rows: [&[i8]; R] =
+        std::array::from_fn(|i| &xq.signed[(first + i) * k..(first + i + 1) * k]);
     let low_nibble = _mm512_set1_epi8(15);
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..blocks {
@@ -404,13 +404,12 @@ fn q4_rows<const R: usize>(
                 // SAFETY: `row` is 8 initialised bytes: two unaligned reads of four.
                 let (first4, second4) = unsafe {
                     (
-                        row.as_ptr().cast::<u32>().read_unaligned(),
-                        row.as_ptr().add(4).cast::<u32>().read_unaligned(),
+                        row.as_ptr().cast::<i32>().read_unaligned(),
+                        row.as_ptr().add(4).cast::<i32>().read_unaligned(),
                     )
                 };
-                // Back from offset-by-128 to signed activations.
-                let first4 = _mm512_set1_epi32((first4 ^ 0x8080_8080) as i32);
-                let second4 = _mm512_set1_epi32((second4 ^ 0x8080_8080) as i32);
+                let first4 = _mm512_set1_epi32(first4);
+                let second4 = _mm512_set1_epi32(second4);
                 *sum = _mm512_dpbusd_epi32(*sum, lo, first4);
                 *sum = _mm512_dpbusd_epi32(*sum, hi, second4);
             }
@@ -626,8 +625,8 @@ fn q4_rows_avx2<const R: usize>(
     };
     let k = xq.k;
     let blocks = matrix.blocks();
-    let rows: [&[u8]; R] =
-        std::array::from_fn(|i| &xq.unsigned[(first + i) * k..(first + i + 1) * k]);
+    let rows: [&[i8]; R] =
+        std::array::from_fn(|i| &xq.signed[(first + i) * k..(first + i + 1) * k]);
     let ones = _mm256_set1_epi16(1);
     let low_nibble = _mm256_set1_epi8(15);
     for half in 0..2 {
@@ -647,12 +646,12 @@ fn q4_rows_avx2<const R: usize>(
                     // SAFETY: `row` is 8 initialised bytes: two unaligned reads of four.
                     let (first4, second4) = unsafe {
                         (
-                            row.as_ptr().cast::<u32>().read_unaligned(),
-                            row.as_ptr().add(4).cast::<u32>().read_unaligned(),
+                            row.as_ptr().cast::<i32>().read_unaligned(),
+                            row.as_ptr().add(4).cast::<i32>().read_unaligned(),
                         )
                     };
-                    let first4 = _mm256_set1_epi32((first4 ^ 0x8080_8080) as i32);
-                    let second4 = _mm256_set1_epi32((second4 ^ 0x8080_8080) as i32);
+                    let first4 = _mm256_set1_epi32(first4);
+                    let second4 = _mm256_set1_epi32(second4);
                     // |15 · 127| · 4 fits an i16: the pairs of both groups add exactly.
                     let pairs = _mm256_add_epi16(
                         _mm256_maddubs_epi16(lo, first4),
