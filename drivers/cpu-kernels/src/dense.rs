@@ -1,8 +1,8 @@
-//! Dense `x·wᵀ` (f32 or f16 weights, kept at their width): whole output columns per
+//! Dense `x·wᵀ` (f32, f16 or bf16 weights, kept at their width): whole output columns per
 //! parallel task, each weight row read once for a tile of four input rows; element
 //! `(r, c)` is exactly `dot(x[r], w[c])` (f16 weights widened exactly).
 
-use half::f16;
+use half::{bf16, f16};
 
 use crate::ops::{Elem, Ops};
 use crate::{for_each_chunk, with_ops, Dispatch};
@@ -28,6 +28,12 @@ pub fn matmul_t(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
 /// exactly in registers: element `(r, c)` is exactly [`crate::reference::dot_f16`]`(x[r],
 /// w[c])`.
 pub fn matmul_t_f16(x: &[f32], rows: usize, w: &[f16], n: usize) -> Vec<f32> {
+    dispatch(x, rows, w, n)
+}
+
+/// [`matmul_t`] over bf16 weights, read at their width and widened exactly in registers:
+/// element `(r, c)` is exactly [`crate::reference::dot_bf16`]`(x[r], w[c])`.
+pub fn matmul_t_bf16(x: &[f32], rows: usize, w: &[bf16], n: usize) -> Vec<f32> {
     dispatch(x, rows, w, n)
 }
 

@@ -16,7 +16,7 @@
 //!   `((l0+l4)+(l1+l5)) + ((l2+l6)+(l3+l7))`, then adds the remainder summed in order
 //!   ([`reference::dot`]).
 //! - An accumulation `acc += w·x` rounds the product, then the sum ([`reference::axpy`]).
-//! - f16 inputs are widened to f32 first (exact: every f16 is an f32).
+//! - f16 and bf16 inputs are widened to f32 first (exact: every f16 and bf16 is an f32).
 //!
 //! The scalar implementations in [`reference`] are the definition; the SIMD paths
 //! (AVX2 + F16C on x86-64 here) reproduce them bit for bit, which the property tests check
@@ -35,8 +35,8 @@ mod tests;
 mod x86;
 
 pub use attention::{attention, AttentionShape, Rows};
-pub use dense::{matmul_t, matmul_t_f16};
-pub use half::f16;
+pub use dense::{matmul_t, matmul_t_bf16, matmul_t_f16};
+pub use half::{bf16, f16};
 pub use q4::{Q4Format, Q4Matrix};
 pub use q8::{quantize_row, quantized_accelerated, Q8Format, Q8Matrix, QuantError, Q8_0_BLOCK};
 

@@ -1,7 +1,7 @@
 //! The primitives every kernel is written in, as a trait implemented once per instruction
 //! set; the kernels are generic over it, so each instruction set runs the same algorithm.
 
-use half::f16;
+use half::{bf16, f16};
 
 use crate::reference;
 
@@ -21,6 +21,12 @@ pub(crate) trait Ops: Copy + Send + Sync {
     fn axpy_rows(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f32]);
     /// [`reference::axpy_rows_f16`].
     fn axpy_rows_f16(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f16]);
+    /// [`reference::dot_bf16`].
+    fn dot_bf16(self, a: &[f32], b: &[bf16]) -> f32;
+    /// [`reference::dot_pairs_bf16`].
+    fn dot_pairs_bf16(self, a: [&[f32]; 4], b: [&[bf16]; 4]) -> [f32; 4];
+    /// [`reference::axpy_rows_bf16`].
+    fn axpy_rows_bf16(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[bf16]);
     /// A hint to bring `data` into the cache soon (no effect on any result).
     fn prefetch<T>(self, data: &[T]);
     /// Runs `f` compiled for this instruction set: `f`'s body, inlined into a function
@@ -66,6 +72,21 @@ impl Ops for Portable {
     #[inline(always)]
     fn axpy_rows_f16(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f16]) {
         reference::axpy_rows_f16(acc, stride, weights, x)
+    }
+
+    #[inline(always)]
+    fn dot_bf16(self, a: &[f32], b: &[bf16]) -> f32 {
+        reference::dot_bf16(a, b)
+    }
+
+    #[inline(always)]
+    fn dot_pairs_bf16(self, a: [&[f32]; 4], b: [&[bf16]; 4]) -> [f32; 4] {
+        reference::dot_pairs_bf16(a, b)
+    }
+
+    #[inline(always)]
+    fn axpy_rows_bf16(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[bf16]) {
+        reference::axpy_rows_bf16(acc, stride, weights, x)
     }
 
     #[inline(always)]
@@ -145,5 +166,32 @@ impl Elem for f16 {
     #[inline(always)]
     fn axpy_rows<O: Ops>(ops: O, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f16]) {
         ops.axpy_rows_f16(acc, stride, weights, x)
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn dot4<O: Ops>(ops: O, rows: [&[f32]; 4], w: &[bf16]) -> [f32; 4] {
+        ops.dot_pairs_bf16(rows, [w; 4])
+    }
+
+    #[inline(always)]
+    fn dot_columns4<O: Ops>(ops: O, x: &[f32], columns: [&[bf16]; 4]) -> [f32; 4] {
+        ops.dot_pairs_bf16([x; 4], columns)
+    }
+
+    #[inline(always)]
+    fn dot<O: Ops>(ops: O, q: &[f32], k: &[bf16]) -> f32 {
+        ops.dot_bf16(q, k)
+    }
+
+    #[inline(always)]
+    fn dot_pairs<O: Ops>(ops: O, q: [&[f32]; 4], k: [&[bf16]; 4]) -> [f32; 4] {
+        ops.dot_pairs_bf16(q, k)
+    }
+
+    #[inline(always)]
+    fn axpy_rows<O: Ops>(ops: O, acc: &mut [f32], stride: usize, weights: &[f32], x: &[bf16]) {
+        ops.axpy_rows_bf16(acc, stride, weights, x)
     }
 }

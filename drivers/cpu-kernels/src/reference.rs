@@ -1,7 +1,7 @@
 //! The scalar reference of every primitive: it defines the order of operations (see the
 //! crate docs) that the SIMD paths reproduce bit for bit, and it is the portable path.
 
-use half::f16;
+use half::{bf16, f16};
 
 /// Accumulator lanes of a dot product.
 pub const LANES: usize = 8;
@@ -12,43 +12,69 @@ pub fn reduce(acc: &[f32; LANES]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
+/// An element type the primitives read, widened exactly to f32 first.
+pub trait Widen: Copy {
+    /// The value as f32 (exact: every f16 and bf16 is an f32).
+    fn widen(self) -> f32;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Widen for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
 /// `Σ a[i]·b[i]` over the shorter length: eight lanes over the whole multiple of eight,
-/// reduced by [`reduce`], plus the remainder summed in order.
+/// reduced by [`reduce`], plus the remainder summed in order (`b` widened first).
 #[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot_wide<E: Widen>(a: &[f32], b: &[E]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0f32; LANES];
     for (x, y) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
         for l in 0..LANES {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l] * y[l].widen();
         }
     }
     let whole = n - n % LANES;
     let mut tail = 0f32;
     for i in whole..n {
-        tail += a[i] * b[i];
+        tail += a[i] * b[i].widen();
     }
     reduce(&acc) + tail
 }
 
-/// [`dot`] with `b` widened from f16.
+/// [`dot_wide`] of f32.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_wide(a, b)
+}
+
+/// [`dot_wide`] with `b` widened from f16.
 #[inline]
 pub fn dot_f16(a: &[f32], b: &[f16]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; LANES];
-    for (x, y) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l].to_f32();
-        }
-    }
-    let whole = n - n % LANES;
-    let mut tail = 0f32;
-    for i in whole..n {
-        tail += a[i] * b[i].to_f32();
-    }
-    reduce(&acc) + tail
+    dot_wide(a, b)
+}
+
+/// [`dot_wide`] with `b` widened from bf16.
+#[inline]
+pub fn dot_bf16(a: &[f32], b: &[bf16]) -> f32 {
+    dot_wide(a, b)
 }
 
 /// Four [`dot`]s of `rows` against one `w`, reading `w` once; each result is exactly
@@ -78,57 +104,74 @@ pub fn dot4(rows: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
     out
 }
 
-/// `acc[i] += w·x[i]` over the shorter length (the product rounded, then the sum).
+/// `acc[i] += w·x[i]` over the shorter length (the product rounded, then the sum), `x`
+/// widened first.
+#[inline]
+pub fn axpy_wide<E: Widen>(acc: &mut [f32], w: f32, x: &[E]) {
+    for (a, x) in acc.iter_mut().zip(x) {
+        *a += w * x.widen();
+    }
+}
+
+/// [`axpy_wide`] of f32.
 #[inline]
 pub fn axpy(acc: &mut [f32], w: f32, x: &[f32]) {
-    for (a, x) in acc.iter_mut().zip(x) {
-        *a += w * x;
-    }
+    axpy_wide(acc, w, x)
 }
 
-/// [`axpy`] with `x` widened from f16.
+/// [`axpy_wide`] with `x` widened from f16.
 #[inline]
 pub fn axpy_f16(acc: &mut [f32], w: f32, x: &[f16]) {
-    for (a, x) in acc.iter_mut().zip(x) {
-        *a += w * x.to_f32();
-    }
+    axpy_wide(acc, w, x)
 }
 
-/// Four independent [`dot`]s (one per pair), each exactly `dot(a[i], b[i])`.
+/// Four independent [`dot_wide`]s (one per pair), each exactly `dot_wide(a[i], b[i])`.
+#[inline]
+pub fn dot_pairs_wide<E: Widen>(a: [&[f32]; 4], b: [&[E]; 4]) -> [f32; 4] {
+    std::array::from_fn(|i| dot_wide(a[i], b[i]))
+}
+
+/// [`dot_pairs_wide`] of f32.
 #[inline]
 pub fn dot_pairs(a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4] {
-    [
-        dot(a[0], b[0]),
-        dot(a[1], b[1]),
-        dot(a[2], b[2]),
-        dot(a[3], b[3]),
-    ]
+    dot_pairs_wide(a, b)
 }
 
-/// Four independent [`dot_f16`]s (one per pair).
+/// [`dot_pairs_wide`] of f16.
 #[inline]
 pub fn dot_pairs_f16(a: [&[f32]; 4], b: [&[f16]; 4]) -> [f32; 4] {
-    [
-        dot_f16(a[0], b[0]),
-        dot_f16(a[1], b[1]),
-        dot_f16(a[2], b[2]),
-        dot_f16(a[3], b[3]),
-    ]
+    dot_pairs_wide(a, b)
 }
 
-/// [`axpy`] of one `x` into `weights.len()` rows of `acc`, row `i` starting at
+/// [`dot_pairs_wide`] of bf16.
+#[inline]
+pub fn dot_pairs_bf16(a: [&[f32]; 4], b: [&[bf16]; 4]) -> [f32; 4] {
+    dot_pairs_wide(a, b)
+}
+
+/// [`axpy_wide`] of one `x` into `weights.len()` rows of `acc`, row `i` starting at
 /// `i * stride` and `x.len()` long: `acc[i·stride + e] += weights[i]·x[e]`.
 #[inline]
-pub fn axpy_rows(acc: &mut [f32], stride: usize, weights: &[f32], x: &[f32]) {
+pub fn axpy_rows_wide<E: Widen>(acc: &mut [f32], stride: usize, weights: &[f32], x: &[E]) {
     for (i, &w) in weights.iter().enumerate() {
-        axpy(&mut acc[i * stride..i * stride + x.len()], w, x);
+        axpy_wide(&mut acc[i * stride..i * stride + x.len()], w, x);
     }
 }
 
-/// [`axpy_rows`] with `x` widened from f16.
+/// [`axpy_rows_wide`] of f32.
+#[inline]
+pub fn axpy_rows(acc: &mut [f32], stride: usize, weights: &[f32], x: &[f32]) {
+    axpy_rows_wide(acc, stride, weights, x)
+}
+
+/// [`axpy_rows_wide`] of f16.
 #[inline]
 pub fn axpy_rows_f16(acc: &mut [f32], stride: usize, weights: &[f32], x: &[f16]) {
-    for (i, &w) in weights.iter().enumerate() {
-        axpy_f16(&mut acc[i * stride..i * stride + x.len()], w, x);
-    }
+    axpy_rows_wide(acc, stride, weights, x)
+}
+
+/// [`axpy_rows_wide`] of bf16.
+#[inline]
+pub fn axpy_rows_bf16(acc: &mut [f32], stride: usize, weights: &[f32], x: &[bf16]) {
+    axpy_rows_wide(acc, stride, weights, x)
 }

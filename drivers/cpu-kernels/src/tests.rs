@@ -173,6 +173,11 @@ proptest! {
             .flat_map(|r| (0..n).map(move |c| (r, c)))
             .map(|(r, c)| reference::dot(&x[r * k..(r + 1) * k], &w[c * k..(c + 1) * k]).to_bits())
             .collect();
+        let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let expected_bf16: Vec<u32> = (0..rows)
+            .flat_map(|r| (0..n).map(move |c| (r, c)))
+            .map(|(r, c)| reference::dot_bf16(&x[r * k..(r + 1) * k], &wb[c * k..(c + 1) * k]).to_bits())
+            .collect();
         let wh = halves(&w);
         let expected_f16: Vec<u32> = (0..rows)
             .flat_map(|r| (0..n).map(move |c| (r, c)))
@@ -181,12 +186,15 @@ proptest! {
         for isa in isas() { with_isa!(isa, |ops| {
             assert_eq!(bits(&matmul_t_with(ops, &x, rows, &w, n)), expected);
             assert_eq!(bits(&matmul_t_with(ops, &x, rows, &wh, n)), expected_f16);
+            assert_eq!(bits(&matmul_t_with(ops, &x, rows, &wb, n)), expected_bf16);
             // Each row alone gives the same bits as in the batch.
             for r in 0..rows {
                 let alone = matmul_t_with(ops, &x[r * k..(r + 1) * k], 1, &w, n);
                 assert_eq!(bits(&alone), expected[r * n..(r + 1) * n].to_vec());
                 let alone = matmul_t_with(ops, &x[r * k..(r + 1) * k], 1, &wh, n);
                 assert_eq!(bits(&alone), expected_f16[r * n..(r + 1) * n].to_vec());
+                let alone = matmul_t_with(ops, &x[r * k..(r + 1) * k], 1, &wb, n);
+                assert_eq!(bits(&alone), expected_bf16[r * n..(r + 1) * n].to_vec());
             }
         }) }
     }

@@ -10,7 +10,7 @@ use std::arch::x86_64::{
 };
 use std::sync::OnceLock;
 
-use half::f16;
+use half::{bf16, f16};
 
 use crate::ops::Ops;
 use crate::reference::LANES;
@@ -78,6 +78,24 @@ impl Ops for Avx2 {
 
     #[inline(always)]
     fn axpy_rows_f16(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f16]) {
+        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        unsafe { axpy_rows(acc, stride, weights, x) }
+    }
+
+    #[inline(always)]
+    fn dot_bf16(self, a: &[f32], b: &[bf16]) -> f32 {
+        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        unsafe { dot(a, b) }
+    }
+
+    #[inline(always)]
+    fn dot_pairs_bf16(self, a: [&[f32]; 4], b: [&[bf16]; 4]) -> [f32; 4] {
+        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        unsafe { dot_pairs(a, b) }
+    }
+
+    #[inline(always)]
+    fn axpy_rows_bf16(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[bf16]) {
         // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
         unsafe { axpy_rows(acc, stride, weights, x) }
     }
@@ -225,6 +243,31 @@ impl Wide for f16 {
         // SAFETY: reached only from AVX2 + F16C code (see the trait).
         unsafe { load_f16(s, at) }
     }
+}
+
+impl Wide for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+
+    #[inline(always)]
+    fn load8(s: &[bf16], at: usize) -> __m256 {
+        // SAFETY: reached only from AVX2 + F16C code (see the trait).
+        unsafe { load_bf16(s, at) }
+    }
+}
+
+/// Eight bf16 of `s` from `at` widened to f32 (`at + 8 <= s.len()`, checked): each is the
+/// top half of its f32, so zero-extend and shift (exact).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn load_bf16(s: &[bf16], at: usize) -> __m256 {
+    use std::arch::x86_64::{_mm256_castsi256_ps, _mm256_cvtepu16_epi32, _mm256_slli_epi32};
+    let chunk = &s[at..at + LANES];
+    // SAFETY: `chunk` is eight initialised bf16 (16 bytes); the load is unaligned.
+    let raw = unsafe { _mm_loadu_si128(chunk.as_ptr().cast::<__m128i>()) };
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
 }
 
 /// Four independent dots, their chains interleaved (the pairs may differ in length).

@@ -10,7 +10,7 @@
 use llmos_cpu_kernels::Rows;
 use llmos_kv::{KvRows, KvView};
 
-pub use llmos_cpu_kernels::{dot, matmul_t, matmul_t_f16, AttentionShape};
+pub use llmos_cpu_kernels::{dot, matmul_t, matmul_t_bf16, matmul_t_f16, AttentionShape};
 
 fn rows<'a>(rows: &'a KvRows<'_>) -> Rows<'a> {
     match rows {

@@ -66,13 +66,13 @@ pub(crate) enum Linear {
     Q4(Arc<llmos_cpu_kernels::Q4Matrix>),
 }
 
-/// A float matrix's elements, at the width they were stored in: f16 stays f16 (half the
-/// bytes to stream per token), widened exactly in the kernel's registers; bf16 and f32
-/// are held as f32 (bf16 → f32 is exact).
+/// A float matrix's elements, at the width they were stored in: f16 and bf16 stay 16-bit
+/// (half the bytes to stream per token), widened exactly in the kernel's registers.
 #[derive(Clone, Debug)]
 pub(crate) enum DenseWeights {
     F32(Arc<Vec<f32>>),
     F16(Arc<Vec<llmos_cpu_kernels::f16>>),
+    BF16(Arc<Vec<llmos_cpu_kernels::bf16>>),
 }
 
 /// Rows per call of a q4_K matmul (see [`Linear::Quant`]).
@@ -82,10 +82,10 @@ impl Linear {
     /// A dense projection from a float tensor `[out, in]`.
     pub(crate) fn dense(t: &Tensor) -> Result<Linear> {
         let (out, _) = t.dims2()?;
-        let w = if t.dtype() == DType::F16 {
-            DenseWeights::F16(Arc::new(t.flatten_all()?.to_vec1()?))
-        } else {
-            DenseWeights::F32(Arc::new(to_f32(t.clone())?.flatten_all()?.to_vec1()?))
+        let w = match t.dtype() {
+            DType::F16 => DenseWeights::F16(Arc::new(t.flatten_all()?.to_vec1()?)),
+            DType::BF16 => DenseWeights::BF16(Arc::new(t.flatten_all()?.to_vec1()?)),
+            _ => DenseWeights::F32(Arc::new(to_f32(t.clone())?.flatten_all()?.to_vec1()?)),
         };
         Ok(Linear::Dense { w, out })
     }
@@ -140,6 +140,10 @@ impl Linear {
                 w: DenseWeights::F16(w),
                 out,
             } => Ok(crate::kernels::matmul_t_f16(x, rows, w, *out)),
+            Linear::Dense {
+                w: DenseWeights::BF16(w),
+                out,
+            } => Ok(crate::kernels::matmul_t_bf16(x, rows, w, *out)),
             Linear::Q8(m) => Ok(m.matmul_t(x, rows)),
             Linear::Q4(m) => Ok(m.matmul_t(x, rows)),
             Linear::Quant { matmul, dtype } => {
@@ -357,7 +361,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn f16_weights_stay_f16_and_compute_what_their_f32_widening_computes() {
+    fn half_weights_stay_16_bit_and_compute_what_their_f32_widening_computes() {
         let (out, k, rows) = (37, 70, 5);
         let w: Vec<f32> = (0..out * k)
             .map(|i| ((i * 7919) % 1000) as f32 / 997.0 - 0.5)
@@ -366,29 +370,32 @@ mod tests {
             .map(|i| ((i * 104_729) % 1000) as f32 / 500.0 - 1.0)
             .collect();
         let dev = Device::Cpu;
-        let half = Tensor::from_vec(w, (out, k), &dev)
-            .unwrap()
-            .to_dtype(DType::F16)
-            .unwrap();
-        let at_width = Linear::dense(&half).unwrap();
-        assert!(matches!(
-            at_width,
-            Linear::Dense {
-                w: DenseWeights::F16(_),
-                ..
-            }
-        ));
-        let widened = Linear::dense(&half.to_dtype(DType::F32).unwrap()).unwrap();
-        assert!(matches!(
-            widened,
-            Linear::Dense {
-                w: DenseWeights::F32(_),
-                ..
-            }
-        ));
-        let a = at_width.forward_rows(&x, rows, &dev).unwrap();
-        let b = widened.forward_rows(&x, rows, &dev).unwrap();
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&a), bits(&b));
+        for dtype in [DType::F16, DType::BF16] {
+            let half = Tensor::from_vec(w.clone(), (out, k), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let at_width = Linear::dense(&half).unwrap();
+            let kept = match &at_width {
+                Linear::Dense { w, .. } => matches!(
+                    (w, dtype),
+                    (DenseWeights::F16(_), DType::F16) | (DenseWeights::BF16(_), DType::BF16)
+                ),
+                _ => false,
+            };
+            assert!(kept, "{dtype:?} weights widened");
+            let widened = Linear::dense(&half.to_dtype(DType::F32).unwrap()).unwrap();
+            assert!(matches!(
+                widened,
+                Linear::Dense {
+                    w: DenseWeights::F32(_),
+                    ..
+                }
+            ));
+            let a = at_width.forward_rows(&x, rows, &dev).unwrap();
+            let b = widened.forward_rows(&x, rows, &dev).unwrap();
+            assert_eq!(bits(&a), bits(&b), "{dtype:?}");
+        }
     }
 }
