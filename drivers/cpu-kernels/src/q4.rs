@@ -10,7 +10,7 @@
 
 use half::f16;
 
-use crate::q8::{quantize_row, tiled_matmul, QuantError, Q8_0_BLOCK};
+use crate::q8::{ggml_row_bytes, quantize_row, tiled_matmul, QuantError, Q8_0_BLOCK};
 
 /// Output columns per tile.
 const TILE: usize = 16;
@@ -122,21 +122,7 @@ impl Q4Matrix {
         k: usize,
     ) -> Result<Self, QuantError> {
         let (block_len, block_bytes) = format.block();
-        if k == 0 || !k.is_multiple_of(block_len) {
-            return Err(QuantError(format!(
-                "row length {k} is not a positive multiple of {block_len} ({format:?})"
-            )));
-        }
-        let row_bytes = k / block_len * block_bytes;
-        let expected = n
-            .checked_mul(row_bytes)
-            .ok_or_else(|| QuantError(format!("{n} rows of {k} overflow")))?;
-        if bytes.len() != expected {
-            return Err(QuantError(format!(
-                "{} bytes for {n} rows of {k} as {format:?} (expected {expected})",
-                bytes.len()
-            )));
-        }
+        let row_bytes = ggml_row_bytes(bytes.len(), n, k, format.block(), &format!("{format:?}"))?;
         let blocks = k / Q8_0_BLOCK;
         let tiles = n.div_ceil(TILE);
         let mut scales = vec![0f32; tiles * blocks * TILE];

@@ -147,21 +147,7 @@ impl Q8Matrix {
         k: usize,
     ) -> Result<Self, QuantError> {
         let (block_len, block_bytes) = format.block();
-        if k == 0 || !k.is_multiple_of(block_len) {
-            return Err(QuantError(format!(
-                "row length {k} is not a positive multiple of {block_len} ({format:?})"
-            )));
-        }
-        let row_bytes = k / block_len * block_bytes;
-        let expected = n
-            .checked_mul(row_bytes)
-            .ok_or_else(|| QuantError(format!("{n} rows of {k} overflow")))?;
-        if bytes.len() != expected {
-            return Err(QuantError(format!(
-                "{} bytes for {n} rows of {k} as {format:?} (expected {expected})",
-                bytes.len()
-            )));
-        }
+        let row_bytes = ggml_row_bytes(bytes.len(), n, k, format.block(), &format!("{format:?}"))?;
         let (blocks, sub) = (k / Q8_0_BLOCK, format.sub_blocks());
         let sub_len = Q8_0_BLOCK / sub;
         let tiles = n.div_ceil(TILE);
@@ -320,6 +306,32 @@ impl Q8Matrix {
     pub(crate) fn sub_blocks(&self) -> usize {
         self.sub
     }
+}
+
+/// Bytes per row of `n` rows of `k` elements stored in GGML blocks of `(elements, bytes)`,
+/// checked against the `len` bytes given: rows of whole blocks, no overflow, no excess.
+pub(crate) fn ggml_row_bytes(
+    len: usize,
+    n: usize,
+    k: usize,
+    (block_len, block_bytes): (usize, usize),
+    format: &str,
+) -> Result<usize, QuantError> {
+    if k == 0 || !k.is_multiple_of(block_len) {
+        return Err(QuantError(format!(
+            "row length {k} is not a positive multiple of {block_len} ({format})"
+        )));
+    }
+    let row_bytes = k / block_len * block_bytes;
+    let expected = n
+        .checked_mul(row_bytes)
+        .ok_or_else(|| QuantError(format!("{n} rows of {k} overflow")))?;
+    if len != expected {
+        return Err(QuantError(format!(
+            "{len} bytes for {n} rows of {k} as {format} (expected {expected})"
+        )));
+    }
+    Ok(row_bytes)
 }
 
 /// `x · Wᵀ` for a matrix of `n` columns in `tiles` tiles of 16: quantises the rows, then computes every (rows, tile) pair with `tile(xq, first,

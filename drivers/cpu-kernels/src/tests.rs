@@ -401,17 +401,7 @@ proptest! {
         let m = crate::Q4Matrix::from_ggml(format, &raw, n, k).unwrap();
         let mut lcg = rand_like::Lcg(seed ^ 0x5555);
         let x: Vec<f32> = (0..rows * k).map(|i| lcg.next() * if i % 7 == 0 { 30.0 } else { 1.0 }).collect();
-        let reference = m.matmul_t_reference(&x, rows);
-        prop_assert_eq!(bits(&m.matmul_t(&x, rows)), bits(&reference));
-        #[cfg(target_arch = "x86_64")]
-        if let Some(avx2) = crate::x86::Avx2::get() {
-            prop_assert_eq!(bits(&m.matmul_t_avx2(avx2, &x, rows)), bits(&reference));
-        }
-        for r in (0..rows).step_by(3) {
-            let alone = m.matmul_t(&x[r * k..(r + 1) * k], 1);
-            prop_assert_eq!(bits(&alone), bits(&reference[r * n..(r + 1) * n]));
-        }
-        check_against_dequantized(&reference, &x, &m.dequantize(), (rows, n, k))?;
+        check_packed(&m, &x, (rows, n, k))?;
     }
 
     #[test]
@@ -427,18 +417,59 @@ proptest! {
         }
         let m = crate::Q8Matrix::from_ggml(crate::Q8Format::Q6K, &raw, n, k).unwrap();
         let x: Vec<f32> = (0..rows * k).map(|i| lcg.next() * if i % 7 == 0 { 30.0 } else { 1.0 }).collect();
-        let reference = m.matmul_t_reference(&x, rows);
-        prop_assert_eq!(bits(&m.matmul_t(&x, rows)), bits(&reference));
-        #[cfg(target_arch = "x86_64")]
-        if let Some(avx2) = crate::x86::Avx2::get() {
-            prop_assert_eq!(bits(&m.matmul_t_avx2(avx2, &x, rows)), bits(&reference));
-        }
-        for r in (0..rows).step_by(3) {
-            let alone = m.matmul_t(&x[r * k..(r + 1) * k], 1);
-            prop_assert_eq!(bits(&alone), bits(&reference[r * n..(r + 1) * n]));
-        }
-        check_against_dequantized(&reference, &x, &m.dequantize(), (rows, n, k))?;
+        check_packed(&m, &x, (rows, n, k))?;
     }
+}
+
+/// A packed quantized matrix as the tests see it.
+trait Packed {
+    fn fast(&self, x: &[f32], rows: usize) -> Vec<f32>;
+    #[cfg(target_arch = "x86_64")]
+    fn avx2(&self, avx2: crate::x86::Avx2, x: &[f32], rows: usize) -> Vec<f32>;
+    fn reference(&self, x: &[f32], rows: usize) -> Vec<f32>;
+    fn weights(&self) -> Vec<f32>;
+}
+
+macro_rules! packed {
+    ($t:ty) => {
+        impl Packed for $t {
+            fn fast(&self, x: &[f32], rows: usize) -> Vec<f32> {
+                self.matmul_t(x, rows)
+            }
+            #[cfg(target_arch = "x86_64")]
+            fn avx2(&self, avx2: crate::x86::Avx2, x: &[f32], rows: usize) -> Vec<f32> {
+                self.matmul_t_avx2(avx2, x, rows)
+            }
+            fn reference(&self, x: &[f32], rows: usize) -> Vec<f32> {
+                self.matmul_t_reference(x, rows)
+            }
+            fn weights(&self) -> Vec<f32> {
+                self.dequantize()
+            }
+        }
+    };
+}
+packed!(crate::Q4Matrix);
+packed!(crate::Q8Matrix);
+
+/// Every path of `m` (the best SIMD, AVX2, each row alone) equals its scalar reference bit
+/// for bit, and the reference is the dequantised product up to activation rounding.
+fn check_packed(
+    m: &impl Packed,
+    x: &[f32],
+    (rows, n, k): (usize, usize, usize),
+) -> Result<(), TestCaseError> {
+    let reference = m.reference(x, rows);
+    prop_assert_eq!(bits(&m.fast(x, rows)), bits(&reference));
+    #[cfg(target_arch = "x86_64")]
+    if let Some(avx2) = crate::x86::Avx2::get() {
+        prop_assert_eq!(bits(&m.avx2(avx2, x, rows)), bits(&reference));
+    }
+    for r in (0..rows).step_by(3) {
+        let alone = m.fast(&x[r * k..(r + 1) * k], 1);
+        prop_assert_eq!(bits(&alone), bits(&reference[r * n..(r + 1) * n]));
+    }
+    check_against_dequantized(&reference, x, &m.weights(), (rows, n, k))
 }
 
 /// `reference` (`x · wᵀ` through quantised activations) is the exact product with the
