@@ -1,6 +1,6 @@
 //! Dense `x·wᵀ` (f32, f16 or bf16 weights, kept at their width): whole output columns per
 //! parallel task, each weight row read once for a tile of four input rows; element
-//! `(r, c)` is exactly `dot(x[r], w[c])` (f16 weights widened exactly).
+//! `(r, c)` is exactly `dot(x[r], w[c])` (16-bit weights widened exactly).
 
 use half::{bf16, f16};
 
@@ -106,7 +106,7 @@ fn columns_task<O: Ops, E: Elem>(
         }
     }
     // The rows left over (all of them when decoding one): four columns at a time, so
-    // that four independent sums are in flight rather than one latency-bound chain
+    // that four independent sums are in flight rather than one latency-bound chain.
     let columns = out.len() / rows;
     for r in tiled..rows {
         let x_r = row(r);

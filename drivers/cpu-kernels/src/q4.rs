@@ -206,6 +206,7 @@ impl Q4Matrix {
                 (self.n, self.k, self.tiles),
                 x,
                 rows,
+                true,
                 |xq, first, count, t, out| vnni.q4_tile(self, xq, first, count, t, out),
             );
         }
@@ -223,6 +224,7 @@ impl Q4Matrix {
             (self.n, self.k, self.tiles),
             x,
             rows,
+            true,
             |xq, first, count, t, out| avx2.q4_tile(self, xq, first, count, t, out),
         )
     }

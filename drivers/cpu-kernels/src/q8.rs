@@ -234,6 +234,7 @@ impl Q8Matrix {
                 (self.n, self.k, self.tiles),
                 x,
                 rows,
+                false,
                 |xq, first, count, t, out| vnni.q8_0_tile(self, xq, first, count, t, out),
             );
         }
@@ -251,6 +252,7 @@ impl Q8Matrix {
             (self.n, self.k, self.tiles),
             x,
             rows,
+            false,
             |xq, first, count, t, out| avx2.q8_0_tile(self, xq, first, count, t, out),
         )
     }
@@ -342,10 +344,11 @@ pub(crate) fn tiled_matmul(
     (n, k, tiles): (usize, usize, usize),
     x: &[f32],
     rows: usize,
+    signed: bool,
     tile: impl Fn(&QuantRows, usize, usize, usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let parallel = rows * n * k >= PARALLEL_WORK;
-    let xq = QuantRows::new(x, rows, k, parallel);
+    let xq = QuantRows::new(x, rows, k, parallel, signed);
     let mut out = vec![0f32; rows * n];
     if rows >= ROWS_SPLIT_FROM {
         let rows_task = |(index, chunk): (usize, &mut [f32])| {
@@ -404,18 +407,20 @@ pub(crate) struct QuantRows {
     /// `[row][k]`.
     pub(crate) unsigned: Vec<u8>,
     /// `[row][k]`: the same activations signed (what the 4-bit kernels multiply their
-    /// unsigned nibbles by, broadcast straight from memory).
+    /// unsigned nibbles by, broadcast straight from memory); empty for the int8 kernels.
     pub(crate) signed: Vec<i8>,
     /// `[row][block]`.
     pub(crate) scales: Vec<f32>,
     /// `[row][block]`: the sum of the block's quantised activations (what a weight
-    /// format with a per-block offset, `w = d·q + m`, multiplies by `m`).
+    /// format with a per-block offset, `w = d·q + m`, multiplies by `m`); empty for the
+    /// int8 kernels.
     pub(crate) sums: Vec<i32>,
     pub(crate) k: usize,
 }
 
 impl QuantRows {
-    fn new(x: &[f32], rows: usize, k: usize, parallel: bool) -> Self {
+    /// `signed`: also the signed copy and the block sums (what the 4-bit kernels read).
+    fn new(x: &[f32], rows: usize, k: usize, parallel: bool, signed: bool) -> Self {
         let blocks = k / Q8_0_BLOCK;
         let mut unsigned = vec![0u8; rows * k];
         let mut scales = vec![0f32; rows * blocks];
@@ -449,11 +454,16 @@ impl QuantRows {
                 .zip(x.chunks(k))
                 .for_each(row);
         }
-        let signed: Vec<i8> = unsigned.iter().map(|&u| (u ^ 0x80) as i8).collect();
-        let sums = signed
-            .chunks_exact(Q8_0_BLOCK)
-            .map(|block| block.iter().map(|&q| i32::from(q)).sum())
-            .collect();
+        let (signed, sums) = if signed {
+            let signed: Vec<i8> = unsigned.iter().map(|&u| (u ^ 0x80) as i8).collect();
+            let sums = signed
+                .chunks_exact(Q8_0_BLOCK)
+                .map(|block| block.iter().map(|&q| i32::from(q)).sum())
+                .collect();
+            (signed, sums)
+        } else {
+            (Vec::new(), Vec::new())
+        };
         Self {
             unsigned,
             signed,

@@ -18,7 +18,7 @@ use crate::config::{ModelConfig, RopeLayout, SourceFormat};
 use crate::error::{ModelError, Result};
 use crate::model::{compile_template, Parts};
 use crate::progress::{LoadProgress, Tracker};
-use crate::weights::{aligned_for, to_f32, Fused, Layer, Linear, RawLinear, Weights};
+use crate::weights::{aligned_for, to_f32, vector, Fused, Layer, Linear, RawLinear, Weights};
 
 /// Parses the header and metadata of a GGUF file.
 pub(crate) fn read_content(path: &Path) -> Result<Content> {
@@ -491,19 +491,19 @@ pub(crate) fn load(path: &Path, device: &Device, progress: &dyn Fn(LoadProgress)
             t.linear(&name("ffn_up"), c.ffn_dim, dim)?,
         ];
         layers.push(Layer {
-            attn_norm: t.dense(&name("attn_norm"), &[dim])?,
+            attn_norm: vector(t.dense(&name("attn_norm"), &[dim])?)?,
             qkv: Fused::build(qkv, device)?,
             wo: t
                 .linear(&name("attn_output"), dim, qd)?
                 .into_linear(device)?,
-            ffn_norm: t.dense(&name("ffn_norm"), &[dim])?,
+            ffn_norm: vector(t.dense(&name("ffn_norm"), &[dim])?)?,
             gate_up: Fused::build(gate_up, device)?,
             down: t
                 .linear(&name("ffn_down"), dim, c.ffn_dim)?
                 .into_linear(device)?,
         });
     }
-    let norm = t.dense("output_norm.weight", &[dim])?;
+    let norm = vector(t.dense("output_norm.weight", &[dim])?)?;
     let embed = Arc::new(embed.flatten_all()?.to_vec1::<f32>()?);
     let lm_head = if t.has("output.weight") {
         t.linear("output.weight", c.vocab_size, dim)?

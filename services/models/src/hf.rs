@@ -15,7 +15,7 @@ use crate::config::{ModelConfig, RopeLayout, SourceFormat};
 use crate::error::{ModelError, Result};
 use crate::model::{compile_template, Parts};
 use crate::progress::{LoadProgress, Tracker};
-use crate::weights::{to_f32, Fused, Layer, Linear, RawLinear, Weights};
+use crate::weights::{to_f32, vector, Fused, Layer, Linear, RawLinear, Weights};
 
 /// The `config.json` fields a Llama-family model needs.
 #[derive(Debug, Deserialize)]
@@ -491,15 +491,15 @@ pub(crate) fn load(dir: &Path, device: &Device, progress: &dyn Fn(LoadProgress))
             lin("mlp.up_proj", c.ffn_dim, dim)?,
         ];
         layers.push(Layer {
-            attn_norm: get(&name("input_layernorm"), &[dim])?,
+            attn_norm: vector(get(&name("input_layernorm"), &[dim])?)?,
             qkv: Fused::build(qkv, device)?,
             wo: lin("self_attn.o_proj", dim, qd)?.into_linear(device)?,
-            ffn_norm: get(&name("post_attention_layernorm"), &[dim])?,
+            ffn_norm: vector(get(&name("post_attention_layernorm"), &[dim])?)?,
             gate_up: Fused::build(gate_up, device)?,
             down: lin("mlp.down_proj", dim, c.ffn_dim)?.into_linear(device)?,
         });
     }
-    let norm = get("model.norm.weight", &[dim])?;
+    let norm = vector(get("model.norm.weight", &[dim])?)?;
     let embed = Arc::new(to_f32(embed)?.flatten_all()?.to_vec1::<f32>()?);
     let lm_head = if sh.has("lm_head.weight") {
         Linear::dense(&get("lm_head.weight", &[c.vocab_size, dim])?)?

@@ -46,12 +46,6 @@ pub struct Model {
     weights: Weights,
     device: Device,
     rotary: Rotary,
-    /// Per layer, the attention and feed-forward norm weights.
-    norms: Vec<[Vec<f32>; 2]>,
-    /// The final norm's weights.
-    final_norm: Vec<f32>,
-    /// Multiply-adds of the projections per new token (what a step's cost scales with).
-    macs_per_row: usize,
 }
 
 /// Projection multiply-adds of a step from which it is worth handing to the compute pool
@@ -238,28 +232,8 @@ impl Model {
             config.max_seq_len,
             config.rope_layout,
         );
-        let vector = |t: &Tensor| -> Result<Vec<f32>> {
-            Ok(crate::weights::to_f32(t.clone())?
-                .flatten_all()?
-                .to_vec1::<f32>()?)
-        };
-        let norms = weights
-            .layers
-            .iter()
-            .map(|l| Ok([vector(&l.attn_norm)?, vector(&l.ffn_norm)?]))
-            .collect::<Result<Vec<_>>>()?;
-        let final_norm = vector(&weights.norm)?;
-        let (qd, kvd) = (
-            config.n_heads * config.head_dim,
-            config.n_kv_heads * config.head_dim,
-        );
-        let per_layer = config.dim * (2 * qd + 2 * kvd) + 3 * config.dim * config.ffn_dim;
-        let macs_per_row = config.n_layers * per_layer + config.dim * config.vocab_size;
         Ok(Model {
             rotary,
-            norms,
-            final_norm,
-            macs_per_row,
             config,
             weights,
             device: device.clone(),
@@ -281,7 +255,12 @@ impl Model {
     /// fork inside it; a tiny model's decode step costs less than the hand-off and runs
     /// on the calling thread (its kernels stay below their parallel thresholds).
     pub fn step_wants_pool(&self, rows: usize) -> bool {
-        self.macs_per_row.saturating_mul(rows) >= POOL_STEP_WORK
+        let c = &self.config;
+        let (qd, kvd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        // Projection multiply-adds per new token: what a step's cost scales with.
+        let per_layer = c.dim * (2 * qd + 2 * kvd) + 3 * c.dim * c.ffn_dim;
+        let per_row = c.n_layers * per_layer + c.dim * c.vocab_size;
+        per_row.saturating_mul(rows) >= POOL_STEP_WORK
     }
 
     /// The device the weights live on.
@@ -341,19 +320,17 @@ impl Model {
         for (s, p) in batch.iter_mut().zip(&plans) {
             s.kv.reserve(p.start + p.n)?;
         }
-        for (l, (layer, [attn_norm, ffn_norm])) in
-            self.weights.layers.iter().zip(&self.norms).enumerate()
-        {
+        for (l, layer) in self.weights.layers.iter().enumerate() {
             if let Some(on_layer) = options.on_layer.as_mut() {
                 if !on_layer(l) {
                     return Err(ModelError::Aborted(l));
                 }
             }
-            let h = rms_norm(&x, attn_norm, c.rms_eps);
+            let h = rms_norm(&x, &layer.attn_norm, c.rms_eps);
             let (q, k, v) = self.qkv(layer, &h, &positions)?;
             let attn = self.attend(l, batch, &plans, &q, &k, &v)?;
             add_assign(&mut x, &layer.wo.forward_rows(&attn, total, &self.device)?);
-            let h = rms_norm(&x, ffn_norm, c.rms_eps);
+            let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps);
             add_assign(&mut x, &self.ffn(layer, &h, total)?);
         }
         for (s, p) in batch.iter_mut().zip(&plans) {
@@ -372,7 +349,7 @@ impl Model {
             let row = plans[i].offset + plans[i].n - 1;
             last.extend_from_slice(&x[row * c.dim..(row + 1) * c.dim]);
         }
-        let h = rms_norm(&last, &self.final_norm, c.rms_eps);
+        let h = rms_norm(&last, &self.weights.norm, c.rms_eps);
         let logits = self
             .weights
             .lm_head

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
+use llmos_cpu_kernels::{Q4Format, Q4Matrix, Q8Format, Q8Matrix};
 
 use crate::error::Result;
 
@@ -75,6 +76,27 @@ pub(crate) enum DenseWeights {
     BF16(Arc<Vec<llmos_cpu_kernels::bf16>>),
 }
 
+/// Which of our own quantized kernels reads a GGML type.
+enum OwnFormat {
+    Q8(Q8Format),
+    Q4(Q4Format),
+}
+
+/// Our kernel for `dtype` where it runs here (a CPU with AVX2), else `None` (candle's).
+fn own_format(dtype: GgmlDType, device: &Device) -> Option<OwnFormat> {
+    if !device.is_cpu() || !llmos_cpu_kernels::quantized_accelerated() {
+        return None;
+    }
+    Some(match dtype {
+        GgmlDType::Q8_0 => OwnFormat::Q8(Q8Format::Q8_0),
+        GgmlDType::Q6K => OwnFormat::Q8(Q8Format::Q6K),
+        GgmlDType::Q4_0 => OwnFormat::Q4(Q4Format::Q4_0),
+        GgmlDType::Q4_1 => OwnFormat::Q4(Q4Format::Q4_1),
+        GgmlDType::Q4K => OwnFormat::Q4(Q4Format::Q4K),
+        _ => return None,
+    })
+}
+
 /// Rows per call of a q4_K matmul (see [`Linear::Quant`]).
 const QUANT_MAX_ROWS: usize = 31;
 
@@ -90,8 +112,8 @@ impl Linear {
         Ok(Linear::Dense { w, out })
     }
 
-    /// A projection over GGML blocks of `dtype`, `rows × cols` (the caller checks
-    /// [`aligned_for`] for candle's sake).
+    /// A projection over GGML blocks of `dtype`, `rows × cols`: our own kernel where it
+    /// runs ([`own_format`]), else candle's (the caller checks [`aligned_for`] for it).
     pub(crate) fn quant(
         dtype: GgmlDType,
         rows: usize,
@@ -99,26 +121,21 @@ impl Linear {
         bytes: Cow<'_, [u8]>,
         device: &Device,
     ) -> Result<Linear> {
-        if device.is_cpu() && llmos_cpu_kernels::quantized_accelerated() {
-            use llmos_cpu_kernels::{Q4Format, Q4Matrix, Q8Format, Q8Matrix};
-            let invalid = |e: llmos_cpu_kernels::QuantError| {
-                crate::error::ModelError::InvalidInput(e.to_string())
-            };
-            let q8 = |format| Q8Matrix::from_ggml(format, &bytes, rows, cols).map_err(invalid);
-            let q4 = |format| Q4Matrix::from_ggml(format, &bytes, rows, cols).map_err(invalid);
-            match dtype {
-                GgmlDType::Q8_0 => return Ok(Linear::Q8(Arc::new(q8(Q8Format::Q8_0)?))),
-                GgmlDType::Q6K => return Ok(Linear::Q8(Arc::new(q8(Q8Format::Q6K)?))),
-                GgmlDType::Q4_0 => return Ok(Linear::Q4(Arc::new(q4(Q4Format::Q4_0)?))),
-                GgmlDType::Q4_1 => return Ok(Linear::Q4(Arc::new(q4(Q4Format::Q4_1)?))),
-                GgmlDType::Q4K => return Ok(Linear::Q4(Arc::new(q4(Q4Format::Q4K)?))),
-                _ => {}
-            }
+        let invalid = |e: llmos_cpu_kernels::QuantError| {
+            crate::error::ModelError::InvalidInput(e.to_string())
+        };
+        match own_format(dtype, device) {
+            Some(OwnFormat::Q8(format)) => Ok(Linear::Q8(Arc::new(
+                Q8Matrix::from_ggml(format, &bytes, rows, cols).map_err(invalid)?,
+            ))),
+            Some(OwnFormat::Q4(format)) => Ok(Linear::Q4(Arc::new(
+                Q4Matrix::from_ggml(format, &bytes, rows, cols).map_err(invalid)?,
+            ))),
+            None => Ok(Linear::Quant {
+                matmul: QMatMul::from_arc(Arc::new(qtensor(dtype, rows, cols, bytes, device)?))?,
+                dtype,
+            }),
         }
-        Ok(Linear::Quant {
-            matmul: QMatMul::from_arc(Arc::new(qtensor(dtype, rows, cols, bytes, device)?))?,
-            dtype,
-        })
     }
 
     /// A dense projection sharing `w` (`[out, in]` row-major).
@@ -255,7 +272,8 @@ impl Fused {
                     bytes.extend_from_slice(b);
                 }
             }
-            if aligned_for(dtype, &bytes) {
+            // Our kernels repack the bytes; only candle needs them aligned.
+            if own_format(dtype, device).is_some() || aligned_for(dtype, &bytes) {
                 return Ok(Fused::One(Linear::quant(
                     dtype,
                     rows,
@@ -327,11 +345,11 @@ impl FusedOut {
 /// One transformer block.
 #[derive(Clone, Debug)]
 pub(crate) struct Layer {
-    pub attn_norm: Tensor,
+    pub attn_norm: Vec<f32>,
     /// q, k, v (rows in that order when fused).
     pub qkv: Fused,
     pub wo: Linear,
-    pub ffn_norm: Tensor,
+    pub ffn_norm: Vec<f32>,
     /// gate (w1), up (w3).
     pub gate_up: Fused,
     pub down: Linear,
@@ -343,8 +361,13 @@ pub(crate) struct Weights {
     /// `[vocab, dim]` f32, row-major (shared with `lm_head` when tied and float).
     pub embed: Arc<Vec<f32>>,
     pub layers: Vec<Layer>,
-    pub norm: Tensor,
+    pub norm: Vec<f32>,
     pub lm_head: Linear,
+}
+
+/// A float tensor's elements as f32, row-major (norm weights).
+pub(crate) fn vector(t: Tensor) -> Result<Vec<f32>> {
+    Ok(to_f32(t)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 /// A float tensor as f32 on `device` (norm weights and embeddings are computed in f32).
