@@ -1160,6 +1160,11 @@ fn bench(rt: &tokio::runtime::Runtime) -> Res<()> {
     let section = Instant::now();
     let t_small = throughput(rt, &small, SMALL_TOKENS, SMALL_ROUNDS, SMALL_TOKENS)?;
     print_throughput(&t_small);
+    // `BENCH_ONLY=stories260K`: this section's small model alone (a quick look while
+    // tuning the forward for tiny models).
+    if std::env::var("BENCH_ONLY").is_ok_and(|only| only == "stories260K") {
+        return Ok(());
+    }
     let t_big = throughput(rt, &big, BIG_TOKENS, BIG_ROUNDS, BIG_WARMUP_TOKENS)?;
     print_throughput(&t_big);
     println!("    section time {:.1} s", section.elapsed().as_secs_f64());

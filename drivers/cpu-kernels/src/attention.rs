@@ -45,7 +45,8 @@ const PREFETCH_ROWS: usize = 2;
 /// shape.
 ///
 /// For each row (at position `p`) and head, in this order: the scores of positions
-/// `0..=p` by [`crate::dot`], their maximum, `exp(score − max)` summed in position order,
+/// `0..=p` by [`crate::dot`], their maximum, `exp(score − max)` by
+/// [`crate::reference::exp`] summed in position order,
 /// the values weighted and summed in position order ([`crate::reference::axpy`]), then
 /// divided by the sum. Rows are taken in tiles, and each key and value row is read once
 /// per tile, every head at a time (one pass over the cache).
@@ -174,10 +175,7 @@ fn attend_tile<O: Ops>(
     for j in 0..len {
         let from = j.saturating_sub(first) * n_heads;
         let row = &mut scores[j * pairs + from..(j + 1) * pairs];
-        for ((s, &m), sum) in row.iter_mut().zip(&max[from..]).zip(&mut sums[from..]) {
-            *s = (*s - m).exp();
-            *sum += *s;
-        }
+        ops.exp_sums(row, &max[from..], &mut sums[from..]);
     }
     out.fill(0.0);
     let mut j = 0;

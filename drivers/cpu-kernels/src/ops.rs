@@ -27,6 +27,8 @@ pub(crate) trait Ops: Copy + Send + Sync {
     fn dot_pairs_bf16(self, a: [&[f32]; 4], b: [&[bf16]; 4]) -> [f32; 4];
     /// [`reference::axpy_rows_bf16`].
     fn axpy_rows_bf16(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[bf16]);
+    /// [`reference::exp_sums`].
+    fn exp_sums(self, scores: &mut [f32], max: &[f32], sums: &mut [f32]);
     /// A hint to bring `data` into the cache soon (no effect on any result).
     fn prefetch<T>(self, data: &[T]);
     /// Runs `f` compiled for this instruction set: `f`'s body, inlined into a function
@@ -87,6 +89,11 @@ impl Ops for Portable {
     #[inline(always)]
     fn axpy_rows_bf16(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[bf16]) {
         reference::axpy_rows_bf16(acc, stride, weights, x)
+    }
+
+    #[inline(always)]
+    fn exp_sums(self, scores: &mut [f32], max: &[f32], sums: &mut [f32]) {
+        reference::exp_sums(scores, max, sums)
     }
 
     #[inline(always)]

@@ -175,3 +175,61 @@ pub fn axpy_rows_f16(acc: &mut [f32], stride: usize, weights: &[f32], x: &[f16])
 pub fn axpy_rows_bf16(acc: &mut [f32], stride: usize, weights: &[f32], x: &[bf16]) {
     axpy_rows_wide(acc, stride, weights, x)
 }
+
+/// Upper clamp of [`exp`]'s argument: `e^88` is the largest power it computes (finite).
+pub const EXP_HI: f32 = 88.0;
+/// Lower clamp of [`exp`]'s argument; below it the result is 0 (e^-87 ≈ 1.6e-38 is the
+/// smallest normal result the scaling by 2^n reaches).
+pub const EXP_LO: f32 = -87.0;
+pub(crate) const LOG2_E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 split in two (Cody–Waite; the high part is 0.693359375 = 355/512, so `n·LN2_HI`
+/// is exact for the `n` used here).
+pub(crate) const LN2_HI: f32 = 0.693_359_4;
+pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
+/// The minimax polynomial of Cephes' `expf` on [-ln2/2, ln2/2].
+pub(crate) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
+/// `e^x` within 2 ulp for `x` in `[EXP_LO, EXP_HI]` (0 below, `e^88` above; NaN gives
+/// `e^88` too): `n = round(x·log2 e)` (ties to even), `r = x − n·ln2` in two fused steps,
+/// `e^r ≈ 1 + r + r²·p(r)` by Horner's rule with fused multiply-adds, scaled by `2^n`
+/// built in the exponent bits. Every step is one IEEE operation a vector unit has, so
+/// the SIMD paths compute it lane by lane bit for bit (libm's `expf` differs between
+/// libraries and has no vector form).
+#[inline]
+pub fn exp(x: f32) -> f32 {
+    // `a < b ? a : b` then `a > b ? a : b`: the vector min and max, NaN included.
+    let c = if x < EXP_HI { x } else { EXP_HI };
+    let c = if c > EXP_LO { c } else { EXP_LO };
+    let n = (c * LOG2_E).round_ties_even();
+    let r = n.mul_add(-LN2_HI, c);
+    let r = n.mul_add(-LN2_LO, r);
+    let mut p = EXP_POLY[0];
+    for &coefficient in &EXP_POLY[1..] {
+        p = p.mul_add(r, coefficient);
+    }
+    let y = p.mul_add(r * r, r) + 1.0;
+    // n is in -125..=127 here, so the biased exponent is a normal one.
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < EXP_LO {
+        0.0
+    } else {
+        y * scale
+    }
+}
+
+/// The softmax's terms in place: `scores[i] = exp(scores[i] − max[i])`, then
+/// `sums[i] += scores[i]` (over the shortest of the three).
+#[inline]
+pub fn exp_sums(scores: &mut [f32], max: &[f32], sums: &mut [f32]) {
+    for ((s, &m), sum) in scores.iter_mut().zip(max).zip(sums) {
+        *s = exp(*s - m);
+        *sum += *s;
+    }
+}

@@ -101,8 +101,73 @@ fn runs_of<'a>(
         .collect()
 }
 
+/// Arguments of the softmax's exponential: the working range, its edges, beyond them.
+fn exp_arguments(len: usize) -> impl Strategy<Value = Vec<f32>> {
+    prop::collection::vec(
+        prop_oneof![
+            -20.0f32..0.0,
+            -120.0f32..100.0,
+            prop::sample::select(vec![
+                0.0,
+                -0.0,
+                88.0,
+                88.5,
+                -87.0,
+                -87.000_01,
+                -86.999_99,
+                -1.0e30,
+                1.0e30,
+                f32::NEG_INFINITY,
+                f32::INFINITY,
+            ]),
+        ],
+        len,
+    )
+}
+
+/// Units in the last place between `got` and the f64 exponential of `x`, rounded to f32.
+fn exp_ulps(x: f32, got: f32) -> u32 {
+    let want = (f64::from(x)).exp() as f32;
+    (got.to_bits() as i64 - want.to_bits() as i64).unsigned_abs() as u32
+}
+
+#[test]
+fn exp_is_within_two_ulp_over_its_range_and_zero_below_it() {
+    let mut worst = (0u32, 0f32);
+    let mut x = reference::EXP_LO;
+    while x <= reference::EXP_HI {
+        let ulps = exp_ulps(x, reference::exp(x));
+        if ulps > worst.0 {
+            worst = (ulps, x);
+        }
+        x += 1.0e-3;
+    }
+    assert!(worst.0 <= 2, "exp({}) is {} ulp off", worst.1, worst.0);
+    assert_eq!(reference::exp(0.0), 1.0);
+    assert_eq!(reference::exp(-87.5), 0.0);
+    assert_eq!(reference::exp(f32::NEG_INFINITY), 0.0);
+    assert!(reference::exp(1.0e30).is_finite());
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn exp_sums_are_the_reference_bit_for_bit(
+        (scores, max, sums) in (0usize..40).prop_flat_map(|n| (exp_arguments(n), exp_arguments(n), values(n))),
+    ) {
+        let (mut expected, mut expected_sums) = (scores.clone(), sums.clone());
+        reference::exp_sums(&mut expected, &max, &mut expected_sums);
+        for (i, (&s, &m)) in scores.iter().zip(&max).enumerate() {
+            prop_assert_eq!(expected[i].to_bits(), reference::exp(s - m).to_bits());
+        }
+        for isa in isas() { with_isa!(isa, |ops| {
+            let (mut got, mut got_sums) = (scores.clone(), sums.clone());
+            ops.exp_sums(&mut got, &max, &mut got_sums);
+            prop_assert_eq!(bits(&got), bits(&expected));
+            prop_assert_eq!(bits(&got_sums), bits(&expected_sums));
+        }) }
+    }
 
     #[test]
     fn dot_is_the_reference_bit_for_bit(
@@ -253,6 +318,7 @@ fn the_public_entry_points_use_the_detected_isa() {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2")
         && std::arch::is_x86_feature_detected!("f16c")
+        && std::arch::is_x86_feature_detected!("fma")
         && !crate::portable_forced()
     {
         assert_eq!(crate::isa(), crate::Isa::Avx2);

@@ -1,12 +1,12 @@
-//! AVX2 + F16C primitives (x86-64): the reference's order of operations, eight lanes per
+//! AVX2 + F16C + FMA primitives (x86-64): the reference's order of operations, eight lanes per
 //! register — a product then a sum per lane (never fused), the lanes reduced by the
 //! reference's own code, the remainder done by scalar code in order.
 
 use std::arch::x86_64::{
     __m128i, __m256, _mm256_add_ps, _mm256_castps256_ps128, _mm256_cvtph_ps, _mm256_extractf128_ps,
     _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps,
-    _mm_add_ps, _mm_cvtss_f32, _mm_hadd_ps, _mm_loadu_si128, _mm_prefetch, _mm_storeu_ps,
-    _MM_HINT_T0,
+    _mm256_sub_ps, _mm_add_ps, _mm_cvtss_f32, _mm_hadd_ps, _mm_loadu_si128, _mm_prefetch,
+    _mm_storeu_ps, _MM_HINT_T0,
 };
 use std::sync::OnceLock;
 
@@ -18,7 +18,7 @@ use crate::reference::LANES;
 /// Bytes per cache line (what one prefetch brings in).
 const CACHE_LINE: usize = 64;
 
-/// Proof that this CPU has AVX2 and F16C: the only way to get one is [`Avx2::get`], which
+/// Proof that this CPU has AVX2, F16C and FMA: the only way to get one is [`Avx2::get`], which
 /// detects them at run time. Every `unsafe` call of a `#[target_feature]` function below
 /// rests on holding this token.
 #[derive(Clone, Copy, Debug)]
@@ -33,7 +33,8 @@ impl Avx2 {
         static DETECTED: OnceLock<Option<Avx2>> = OnceLock::new();
         *DETECTED.get_or_init(|| {
             let present = std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("f16c");
+                && std::arch::is_x86_feature_detected!("f16c")
+                && std::arch::is_x86_feature_detected!("fma");
             (present && !crate::portable_forced()).then_some(Avx2 { _detected: () })
         })
     }
@@ -42,62 +43,68 @@ impl Avx2 {
 impl Ops for Avx2 {
     #[inline(always)]
     fn dot(self, a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
         unsafe { dot(a, b) }
     }
 
     #[inline(always)]
     fn dot_f16(self, a: &[f32], b: &[f16]) -> f32 {
-        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
         unsafe { dot(a, b) }
     }
 
     #[inline(always)]
     fn dot4(self, rows: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
-        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
         unsafe { dot4(rows, w) }
     }
 
     #[inline(always)]
     fn dot_pairs(self, a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4] {
-        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
         unsafe { dot_pairs(a, b) }
     }
 
     #[inline(always)]
     fn dot_pairs_f16(self, a: [&[f32]; 4], b: [&[f16]; 4]) -> [f32; 4] {
-        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
         unsafe { dot_pairs(a, b) }
     }
 
     #[inline(always)]
     fn axpy_rows(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f32]) {
-        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
         unsafe { axpy_rows(acc, stride, weights, x) }
     }
 
     #[inline(always)]
     fn axpy_rows_f16(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[f16]) {
-        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
         unsafe { axpy_rows(acc, stride, weights, x) }
     }
 
     #[inline(always)]
     fn dot_bf16(self, a: &[f32], b: &[bf16]) -> f32 {
-        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
         unsafe { dot(a, b) }
     }
 
     #[inline(always)]
     fn dot_pairs_bf16(self, a: [&[f32]; 4], b: [&[bf16]; 4]) -> [f32; 4] {
-        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
         unsafe { dot_pairs(a, b) }
     }
 
     #[inline(always)]
     fn axpy_rows_bf16(self, acc: &mut [f32], stride: usize, weights: &[f32], x: &[bf16]) {
-        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
         unsafe { axpy_rows(acc, stride, weights, x) }
+    }
+
+    #[inline(always)]
+    fn exp_sums(self, scores: &mut [f32], max: &[f32], sums: &mut [f32]) {
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
+        unsafe { exp_sums(scores, max, sums) }
     }
 
     #[inline(always)]
@@ -114,12 +121,84 @@ impl Ops for Avx2 {
 
     #[inline(always)]
     fn vectorize<R>(self, f: impl FnOnce() -> R) -> R {
-        #[target_feature(enable = "avx2,f16c")]
+        #[target_feature(enable = "avx2,f16c,fma")]
         fn with_features<R>(f: impl FnOnce() -> R) -> R {
             f()
         }
-        // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
         unsafe { with_features(f) }
+    }
+}
+
+/// [`reference::exp`] of eight lanes, each step the same single IEEE operation (the
+/// vector min and max are the reference's comparisons, the rounding is to nearest even,
+/// the multiply-adds fused).
+#[inline]
+#[target_feature(enable = "avx2,f16c,fma")]
+fn exp8(x: __m256) -> __m256 {
+    use crate::reference::{EXP_HI, EXP_LO, EXP_POLY, LN2_HI, LN2_LO, LOG2_E};
+    use std::arch::x86_64::{
+        _mm256_add_epi32, _mm256_andnot_ps, _mm256_castsi256_ps, _mm256_cmp_ps, _mm256_cvtps_epi32,
+        _mm256_fmadd_ps, _mm256_fnmadd_ps, _mm256_max_ps, _mm256_min_ps, _mm256_round_ps,
+        _mm256_set1_epi32, _mm256_slli_epi32, _CMP_LT_OQ, _MM_FROUND_NO_EXC,
+        _MM_FROUND_TO_NEAREST_INT,
+    };
+    let c = _mm256_min_ps(x, _mm256_set1_ps(EXP_HI));
+    let c = _mm256_max_ps(c, _mm256_set1_ps(EXP_LO));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        c,
+        _mm256_set1_ps(LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), c);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+    let mut p = _mm256_set1_ps(EXP_POLY[0]);
+    for &coefficient in &EXP_POLY[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(coefficient));
+    }
+    let y = _mm256_add_ps(
+        _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+        _mm256_set1_ps(1.0),
+    );
+    let biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased));
+    let under = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(EXP_LO));
+    _mm256_andnot_ps(under, _mm256_mul_ps(y, scale))
+}
+
+/// [`reference::exp_sums`], eight lanes at a time; the remainder through a padded register
+/// (the same lane-wise operations).
+#[inline]
+#[target_feature(enable = "avx2,f16c,fma")]
+fn exp_sums(scores: &mut [f32], max: &[f32], sums: &mut [f32]) {
+    let n = scores.len().min(max.len()).min(sums.len());
+    let step = |s: &mut [f32], m: &[f32], sum: &mut [f32]| {
+        let e = exp8(_mm256_sub_ps(load(s, 0), load(m, 0)));
+        let total = _mm256_add_ps(load(sum, 0), e);
+        // SAFETY: `s` and `sum` are eight f32 each, written by unaligned stores.
+        unsafe {
+            _mm256_storeu_ps(s.as_mut_ptr(), e);
+            _mm256_storeu_ps(sum.as_mut_ptr(), total);
+        }
+    };
+    let whole = n - n % LANES;
+    let mut at = 0;
+    while at < whole {
+        step(
+            &mut scores[at..at + LANES],
+            &max[at..at + LANES],
+            &mut sums[at..at + LANES],
+        );
+        at += LANES;
+    }
+    if whole < n {
+        let rest = n - whole;
+        let (mut s, mut m, mut sum) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
+        s[..rest].copy_from_slice(&scores[whole..n]);
+        m[..rest].copy_from_slice(&max[whole..n]);
+        sum[..rest].copy_from_slice(&sums[whole..n]);
+        step(&mut s, &m, &mut sum);
+        scores[whole..n].copy_from_slice(&s[..rest]);
+        sums[whole..n].copy_from_slice(&sum[..rest]);
     }
 }
 
@@ -127,7 +206,7 @@ impl Ops for Avx2 {
 /// gives `(l0+l4, l1+l5, l2+l6, l3+l7)`, and two horizontal adds the reference's pairs
 /// of those, then their sum (each add the same single IEEE operation as the reference's).
 #[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 fn reduce_lanes(v: __m256) -> f32 {
     let halves = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let pairs = _mm_hadd_ps(halves, halves);
@@ -136,7 +215,7 @@ fn reduce_lanes(v: __m256) -> f32 {
 
 /// [`reduce_lanes`] of four registers at once (one horizontal add serves two of them).
 #[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 fn reduce_lanes4(v: [__m256; 4]) -> [f32; 4] {
     let halves = v.map(|v| _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v)));
     let pairs01 = _mm_hadd_ps(halves[0], halves[1]);
@@ -149,7 +228,7 @@ fn reduce_lanes4(v: [__m256; 4]) -> [f32; 4] {
 
 /// Eight f32 of `s` from `at` (`at + 8 <= s.len()`, checked).
 #[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 fn load(s: &[f32], at: usize) -> __m256 {
     let chunk = &s[at..at + LANES];
     // SAFETY: `chunk` is eight initialised f32; the load is unaligned.
@@ -158,7 +237,7 @@ fn load(s: &[f32], at: usize) -> __m256 {
 
 /// Eight f16 of `s` from `at` widened to f32 (`at + 8 <= s.len()`, checked).
 #[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 fn load_f16(s: &[f16], at: usize) -> __m256 {
     let chunk = &s[at..at + LANES];
     // SAFETY: `chunk` is eight f16, i.e. sixteen initialised bytes; the load is unaligned.
@@ -168,7 +247,7 @@ fn load_f16(s: &[f16], at: usize) -> __m256 {
 
 /// The reference's dot product of f32 `a` against `b` (f32 or f16, widened exactly).
 #[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 fn dot<E: Wide>(a: &[f32], b: &[E]) -> f32 {
     let n = a.len().min(b.len());
     let whole = n - n % LANES;
@@ -186,7 +265,7 @@ fn dot<E: Wide>(a: &[f32], b: &[E]) -> f32 {
 }
 
 #[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 fn dot4(rows: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
     let n = w.len();
     let whole = n - n % LANES;
@@ -211,7 +290,7 @@ fn dot4(rows: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
 }
 
 /// An element type the primitives widen to f32 lanes. Private to this module: `load8` is
-/// called only from `#[target_feature(enable = "avx2,f16c")]` functions, themselves reached
+/// called only from `#[target_feature(enable = "avx2,f16c,fma")]` functions, themselves reached
 /// only through an [`Avx2`] token.
 trait Wide: Copy {
     fn to_f32(self) -> f32;
@@ -227,7 +306,7 @@ impl Wide for f32 {
 
     #[inline(always)]
     fn load8(s: &[f32], at: usize) -> __m256 {
-        // SAFETY: reached only from AVX2 + F16C code (see the trait).
+        // SAFETY: reached only from AVX2 + F16C + FMA code (see the trait).
         unsafe { load(s, at) }
     }
 }
@@ -240,7 +319,7 @@ impl Wide for f16 {
 
     #[inline(always)]
     fn load8(s: &[f16], at: usize) -> __m256 {
-        // SAFETY: reached only from AVX2 + F16C code (see the trait).
+        // SAFETY: reached only from AVX2 + F16C + FMA code (see the trait).
         unsafe { load_f16(s, at) }
     }
 }
@@ -253,7 +332,7 @@ impl Wide for bf16 {
 
     #[inline(always)]
     fn load8(s: &[bf16], at: usize) -> __m256 {
-        // SAFETY: reached only from AVX2 + F16C code (see the trait).
+        // SAFETY: reached only from AVX2 + F16C + FMA code (see the trait).
         unsafe { load_bf16(s, at) }
     }
 }
@@ -261,7 +340,7 @@ impl Wide for bf16 {
 /// Eight bf16 of `s` from `at` widened to f32 (`at + 8 <= s.len()`, checked): each is the
 /// top half of its f32, so zero-extend and shift (exact).
 #[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 fn load_bf16(s: &[bf16], at: usize) -> __m256 {
     use std::arch::x86_64::{_mm256_castsi256_ps, _mm256_cvtepu16_epi32, _mm256_slli_epi32};
     let chunk = &s[at..at + LANES];
@@ -272,7 +351,7 @@ fn load_bf16(s: &[bf16], at: usize) -> __m256 {
 
 /// Four independent dots, their chains interleaved (the pairs may differ in length).
 #[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 fn dot_pairs<E: Wide>(a: [&[f32]; 4], b: [&[E]; 4]) -> [f32; 4] {
     let n: [usize; 4] = std::array::from_fn(|i| a[i].len().min(b[i].len()));
     let whole: [usize; 4] = std::array::from_fn(|i| n[i] - n[i] % LANES);
@@ -308,7 +387,7 @@ fn dot_pairs<E: Wide>(a: [&[f32]; 4], b: [&[E]; 4]) -> [f32; 4] {
 
 /// `acc[i·stride + e] += weights[i]·x[e]`, each chunk of `x` loaded (and widened) once.
 #[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 fn axpy_rows<E: Wide>(acc: &mut [f32], stride: usize, weights: &[f32], x: &[E]) {
     let n = x.len();
     let whole = n - n % LANES;
@@ -616,7 +695,7 @@ impl Avx2 {
         while r < count {
             let n = (count - r).min(4);
             let o = &mut out[r * 16..(r + n) * 16];
-            // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+            // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
             unsafe {
                 if matrix.sub_blocks() == 1 {
                     by_row_count!(n, q8_rows_avx2, [1], (matrix, xq, first + r, t, o))
@@ -644,7 +723,7 @@ impl Avx2 {
         while r < count {
             let n = (count - r).min(4);
             let o = &mut out[r * 16..(r + n) * 16];
-            // SAFETY: an `Avx2` token exists only where AVX2 and F16C were detected.
+            // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
             unsafe { by_row_count!(n, q4_rows_avx2, (matrix, xq, first + r, t, o)) }
             r += n;
         }
@@ -653,7 +732,7 @@ impl Avx2 {
 
 /// `R` rows from `first` against tile `t` of a 4-bit matrix, eight columns at a time.
 #[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 fn q4_rows_avx2<const R: usize>(
     matrix: &crate::q4::Q4Matrix,
     xq: &crate::q8::QuantRows,
@@ -726,7 +805,7 @@ fn q4_rows_avx2<const R: usize>(
 
 /// `R` rows from `first` against tile `t`, eight columns (one half of the tile) at a time.
 #[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 fn q8_rows_avx2<const R: usize, const SUB: usize>(
     matrix: &crate::q8::Q8Matrix,
     xq: &crate::q8::QuantRows,
