@@ -4,7 +4,7 @@
 
 use half::f16;
 
-use crate::ops::{Elem, Ops};
+use crate::ops::{Elem, Ops, RunShape};
 use crate::{for_each_chunk, with_ops, Dispatch};
 
 /// Shape of one attention call.
@@ -128,6 +128,17 @@ struct Tile<'a> {
     kv_at: Vec<usize>,
 }
 
+impl Tile<'_> {
+    /// The layout of a run of K/V rows for the decode primitives.
+    fn run_shape(&self) -> RunShape<'_> {
+        RunShape {
+            row_len: self.row_len,
+            hd: self.shape.head_dim,
+            kv_at: &self.kv_at,
+        }
+    }
+}
+
 /// [`attention`] of the rows of one tile, the first at position `first`.
 #[inline(always)]
 fn attend_tile<O: Ops>(
@@ -157,25 +168,34 @@ fn attend_tile<O: Ops>(
     // position's scores are adjacent, as both passes over the keys write and read them.
     let pairs = rows * n_heads;
     let mut scores = vec![0f32; len * pairs];
-    let mut max = vec![f32::NEG_INFINITY; rows * n_heads];
     let mut j = 0;
     for (keys, _) in runs {
         if j >= len {
             break;
         }
         j = match keys {
-            Rows::F32(k) => score_run(ops, &tile, k, j, &mut scores, &mut max),
-            Rows::F16(k) => score_run(ops, &tile, k, j, &mut scores, &mut max),
+            Rows::F32(k) => score_run(ops, &tile, k, j, &mut scores),
+            Rows::F16(k) => score_run(ops, &tile, k, j, &mut scores),
         };
     }
-    // Position by position, every (row, head) sum advancing together: each sum is still
-    // in position order, but the chains are independent (no add waits on the one before),
-    // and a position's scores are adjacent. Row t attends positions up to first + t.
+    // Position by position, every (row, head) maximum and sum advancing together: each
+    // sum is still in position order, but the chains are independent (no add waits on the
+    // one before), and a position's scores are adjacent. Row t attends positions up to
+    // first + t.
+    let attended = |j: usize| j.saturating_sub(first) * n_heads..pairs;
+    let mut max = vec![f32::NEG_INFINITY; pairs];
+    for j in 0..len {
+        let at = attended(j);
+        ops.max_assign(
+            &mut max[at.clone()],
+            &scores[j * pairs..(j + 1) * pairs][at],
+        );
+    }
     let mut sums = vec![0f32; pairs];
     for j in 0..len {
-        let from = j.saturating_sub(first) * n_heads;
-        let row = &mut scores[j * pairs + from..(j + 1) * pairs];
-        ops.exp_sums(row, &max[from..], &mut sums[from..]);
+        let at = attended(j);
+        let row = &mut scores[j * pairs..(j + 1) * pairs][at.clone()];
+        ops.exp_sums(row, &max[at.clone()], &mut sums[at]);
     }
     out.fill(0.0);
     let mut j = 0;
@@ -208,35 +228,52 @@ fn score_run<O: Ops, E: Elem>(
     keys: &[E],
     j: usize,
     scores: &mut [f32],
-    max: &mut [f32],
 ) -> usize {
     let n_heads = tile.shape.n_heads;
     let hd = tile.shape.head_dim;
     let width = n_heads * hd;
+    if tile.rows == 1 {
+        // A decode row: every head's scores of the run's rows in one call.
+        let count = (keys.len() / tile.row_len).min(tile.len - j);
+        let out = &mut scores[j * n_heads..(j + count) * n_heads];
+        E::head_dots(
+            ops,
+            tile.q,
+            &keys[..count * tile.row_len],
+            tile.run_shape(),
+            out,
+        );
+        return j + count;
+    }
     each_row(ops, tile, keys, j, |j, key| {
-        let mut record = |th: usize, s: f32| {
-            scores[j * tile.rows * n_heads + th] = s;
-            max[th] = max[th].max(s);
-        };
+        let at = j * tile.rows * n_heads;
         for t in j.saturating_sub(tile.first)..tile.rows {
             let qt = &tile.q[t * width..(t + 1) * width];
             let q = |h: usize| &qt[h * hd..(h + 1) * hd];
             let k = |h: usize| &key[tile.kv_at[h]..tile.kv_at[h] + hd];
-            // Four heads at a time, their dependency chains interleaved.
+            let out = &mut scores[at + t * n_heads..at + (t + 1) * n_heads];
+            // Eight heads, then four, at a time: their dependency chains interleaved.
             let mut h = 0;
+            while h + 8 <= n_heads {
+                let s = E::dot_pairs8(
+                    ops,
+                    std::array::from_fn(|i| q(h + i)),
+                    std::array::from_fn(|i| k(h + i)),
+                );
+                out[h..h + 8].copy_from_slice(&s);
+                h += 8;
+            }
             while h + 4 <= n_heads {
                 let s = E::dot_pairs(
                     ops,
                     [q(h), q(h + 1), q(h + 2), q(h + 3)],
                     [k(h), k(h + 1), k(h + 2), k(h + 3)],
                 );
-                for (i, s) in s.into_iter().enumerate() {
-                    record(t * n_heads + h + i, s);
-                }
+                out[h..h + 4].copy_from_slice(&s);
                 h += 4;
             }
-            for h in h..n_heads {
-                record(t * n_heads + h, E::dot(ops, q(h), k(h)));
+            for (h, o) in out.iter_mut().enumerate().skip(h) {
+                *o = E::dot(ops, q(h), k(h));
             }
         }
     })
@@ -257,13 +294,12 @@ fn weigh_run<O: Ops, E: Elem>(
     let hd = tile.shape.head_dim;
     let width = n_heads * hd;
     if tile.rows == 1 {
-        // A decode row: each head's value added straight into its output, no gather.
-        return each_row(ops, tile, values, j, |j, value| {
-            let weights = &scores[j * n_heads..(j + 1) * n_heads];
-            for ((o, &w), &at) in out.chunks_exact_mut(hd).zip(weights).zip(&tile.kv_at) {
-                E::axpy_rows(ops, o, hd, &[w], &value[at..at + hd]);
-            }
-        });
+        // A decode row: the run's values added straight into its output, no gather.
+        let count = (values.len() / tile.row_len).min(tile.len - j);
+        let weights = &scores[j * n_heads..(j + count) * n_heads];
+        let values = &values[..count * tile.row_len];
+        E::head_axpy(ops, out, weights, values, tile.run_shape());
+        return j + count;
     }
     each_row(ops, tile, values, j, |j, value| {
         let t0 = j.saturating_sub(tile.first);

@@ -131,6 +131,24 @@ pub fn dot_pairs_wide<E: Widen>(a: [&[f32]; 4], b: [&[E]; 4]) -> [f32; 4] {
     std::array::from_fn(|i| dot_wide(a[i], b[i]))
 }
 
+/// Eight independent [`dot_wide`]s, each exactly `dot_wide(a[i], b[i])`.
+#[inline]
+pub fn dot_pairs8_wide<E: Widen>(a: [&[f32]; 8], b: [&[E]; 8]) -> [f32; 8] {
+    std::array::from_fn(|i| dot_wide(a[i], b[i]))
+}
+
+/// [`dot_pairs8_wide`] of f32.
+#[inline]
+pub fn dot_pairs8(a: [&[f32]; 8], b: [&[f32]; 8]) -> [f32; 8] {
+    dot_pairs8_wide(a, b)
+}
+
+/// [`dot_pairs8_wide`] of f16.
+#[inline]
+pub fn dot_pairs8_f16(a: [&[f32]; 8], b: [&[f16]; 8]) -> [f32; 8] {
+    dot_pairs8_wide(a, b)
+}
+
 /// [`dot_pairs_wide`] of f32.
 #[inline]
 pub fn dot_pairs(a: [&[f32]; 4], b: [&[f32]; 4]) -> [f32; 4] {
@@ -221,6 +239,113 @@ pub fn exp(x: f32) -> f32 {
         0.0
     } else {
         y * scale
+    }
+}
+
+/// The attention scores of a decode row against a run of key rows: for key row `p` of
+/// `keys` (rows of `row_len`, `out.len() / kv_at.len()` of them) and query head `h` of `q`
+/// (heads of `hd`), `out[p·heads + h]` is `dot_wide` of the head with
+/// `key[kv_at[h]..kv_at[h] + hd]` (its key head).
+#[inline]
+pub fn head_dots_wide<E: Widen>(
+    q: &[f32],
+    keys: &[E],
+    row_len: usize,
+    hd: usize,
+    kv_at: &[usize],
+    out: &mut [f32],
+) {
+    for (key, scores) in keys
+        .chunks_exact(row_len)
+        .zip(out.chunks_exact_mut(kv_at.len()))
+    {
+        for (h, o) in scores.iter_mut().enumerate() {
+            *o = dot_wide(&q[h * hd..(h + 1) * hd], &key[kv_at[h]..kv_at[h] + hd]);
+        }
+    }
+}
+
+/// [`head_dots_wide`] of f32 keys.
+#[inline]
+pub fn head_dots(
+    q: &[f32],
+    keys: &[f32],
+    row_len: usize,
+    hd: usize,
+    kv_at: &[usize],
+    out: &mut [f32],
+) {
+    head_dots_wide(q, keys, row_len, hd, kv_at, out)
+}
+
+/// [`head_dots_wide`] of f16 keys.
+#[inline]
+pub fn head_dots_f16(
+    q: &[f32],
+    keys: &[f16],
+    row_len: usize,
+    hd: usize,
+    kv_at: &[usize],
+    out: &mut [f32],
+) {
+    head_dots_wide(q, keys, row_len, hd, kv_at, out)
+}
+
+/// A run of value rows weighed into a decode row, row by row in order: for value row `p`
+/// (rows of `row_len`, `weights.len() / kv_at.len()` of them) and each query head `h`,
+/// [`axpy_wide`] of `value[kv_at[h]..kv_at[h] + hd]` with `weights[p·heads + h]` into
+/// `acc[h·hd..(h + 1)·hd]`.
+#[inline]
+pub fn head_axpy_wide<E: Widen>(
+    acc: &mut [f32],
+    weights: &[f32],
+    values: &[E],
+    row_len: usize,
+    hd: usize,
+    kv_at: &[usize],
+) {
+    for (value, w) in values
+        .chunks_exact(row_len)
+        .zip(weights.chunks_exact(kv_at.len()))
+    {
+        for (h, (&w, &at)) in w.iter().zip(kv_at).enumerate() {
+            axpy_wide(&mut acc[h * hd..(h + 1) * hd], w, &value[at..at + hd]);
+        }
+    }
+}
+
+/// [`head_axpy_wide`] of f32 values.
+#[inline]
+pub fn head_axpy(
+    acc: &mut [f32],
+    weights: &[f32],
+    values: &[f32],
+    row_len: usize,
+    hd: usize,
+    kv_at: &[usize],
+) {
+    head_axpy_wide(acc, weights, values, row_len, hd, kv_at)
+}
+
+/// [`head_axpy_wide`] of f16 values.
+#[inline]
+pub fn head_axpy_f16(
+    acc: &mut [f32],
+    weights: &[f32],
+    values: &[f16],
+    row_len: usize,
+    hd: usize,
+    kv_at: &[usize],
+) {
+    head_axpy_wide(acc, weights, values, row_len, hd, kv_at)
+}
+
+/// `max[i] = if x[i] > max[i] { x[i] } else { max[i] }` over the shorter length (the
+/// running maximum of the softmax; a NaN never replaces the maximum).
+#[inline]
+pub fn max_assign(max: &mut [f32], x: &[f32]) {
+    for (m, &x) in max.iter_mut().zip(x) {
+        *m = if x > *m { x } else { *m };
     }
 }
 

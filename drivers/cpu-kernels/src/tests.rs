@@ -170,6 +170,33 @@ proptest! {
     }
 
     #[test]
+    fn dot_pairs8_and_max_are_the_reference_bit_for_bit(
+        a in prop::collection::vec(values(40), 8), b in prop::collection::vec(values(40), 8),
+        lens in prop::array::uniform8(0usize..41), extra in 0usize..3,
+        (max, x) in (0usize..30).prop_flat_map(|n| (exp_arguments(n), exp_arguments(n))),
+    ) {
+        let qs: [&[f32]; 8] = std::array::from_fn(|i| &a[i][..lens[i]]);
+        // Keys may be longer than their queries (the dot takes the shorter).
+        let ks: [&[f32]; 8] = std::array::from_fn(|i| &b[i][..(lens[i] + extra).min(40)]);
+        let kh: Vec<Vec<f16>> = ks.iter().map(|k| halves(k)).collect();
+        let kh: [&[f16]; 8] = std::array::from_fn(|i| &kh[i][..]);
+        let expected = reference::dot_pairs8(qs, ks);
+        let expected_f16 = reference::dot_pairs8_f16(qs, kh);
+        for i in 0..8 {
+            prop_assert_eq!(expected[i].to_bits(), reference::dot(qs[i], ks[i]).to_bits());
+        }
+        let mut expected_max = max.clone();
+        reference::max_assign(&mut expected_max, &x);
+        for isa in isas() { with_isa!(isa, |ops| {
+            prop_assert_eq!(bits(&ops.dot_pairs8(qs, ks)), bits(&expected));
+            prop_assert_eq!(bits(&ops.dot_pairs8_f16(qs, kh)), bits(&expected_f16));
+            let mut got = max.clone();
+            ops.max_assign(&mut got, &x);
+            prop_assert_eq!(bits(&got), bits(&expected_max));
+        }) }
+    }
+
+    #[test]
     fn dot_is_the_reference_bit_for_bit(
         (a, b) in (0usize..300, 0usize..9).prop_flat_map(|(n, extra)| (values(n + extra), values(n))),
     ) {
@@ -266,7 +293,7 @@ proptest! {
 
     #[test]
     fn attention_is_the_reference_whatever_the_chunks_runs_and_isa(
-        n_kv_heads in 1usize..4, group in 1usize..4, head_dim in prop_oneof![Just(8usize), Just(64), 1usize..20],
+        n_kv_heads in 1usize..5, group in 1usize..5, head_dim in prop_oneof![Just(8usize), Just(64), 1usize..20],
         len in 1usize..40, chunk in 1usize..17, run in 1usize..9, as_f16 in any::<bool>(), seed in any::<u64>(),
     ) {
         let shape = AttentionShape { n_heads: n_kv_heads * group, n_kv_heads, head_dim };

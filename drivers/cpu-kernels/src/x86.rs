@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use half::{bf16, f16};
 
-use crate::ops::Ops;
+use crate::ops::{Ops, RunShape};
 use crate::reference::LANES;
 
 /// Bytes per cache line (what one prefetch brings in).
@@ -69,6 +69,48 @@ impl Ops for Avx2 {
     fn dot_pairs_f16(self, a: [&[f32]; 4], b: [&[f16]; 4]) -> [f32; 4] {
         // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
         unsafe { dot_pairs(a, b) }
+    }
+
+    #[inline(always)]
+    fn dot_pairs8(self, a: [&[f32]; 8], b: [&[f32]; 8]) -> [f32; 8] {
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
+        unsafe { dot_pairs8(a, b) }
+    }
+
+    #[inline(always)]
+    fn dot_pairs8_f16(self, a: [&[f32]; 8], b: [&[f16]; 8]) -> [f32; 8] {
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
+        unsafe { dot_pairs8(a, b) }
+    }
+
+    #[inline(always)]
+    fn head_dots(self, q: &[f32], keys: &[f32], shape: RunShape<'_>, out: &mut [f32]) {
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
+        unsafe { head_dots(q, keys, shape, out) }
+    }
+
+    #[inline(always)]
+    fn head_dots_f16(self, q: &[f32], keys: &[f16], shape: RunShape<'_>, out: &mut [f32]) {
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
+        unsafe { head_dots(q, keys, shape, out) }
+    }
+
+    #[inline(always)]
+    fn head_axpy(self, acc: &mut [f32], weights: &[f32], values: &[f32], shape: RunShape<'_>) {
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
+        unsafe { head_axpy(acc, weights, values, shape) }
+    }
+
+    #[inline(always)]
+    fn head_axpy_f16(self, acc: &mut [f32], weights: &[f32], values: &[f16], shape: RunShape<'_>) {
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
+        unsafe { head_axpy(acc, weights, values, shape) }
+    }
+
+    #[inline(always)]
+    fn max_assign(self, max: &mut [f32], x: &[f32]) {
+        // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
+        unsafe { max_assign(max, x) }
     }
 
     #[inline(always)]
@@ -383,6 +425,195 @@ fn dot_pairs<E: Wide>(a: [&[f32]; 4], b: [&[E]; 4]) -> [f32; 4] {
         *o += tail;
     }
     out
+}
+
+/// [`reduce_lanes`] of eight registers at once, into one register (lane `i` is register
+/// `i`'s sum): the halves of registers `i` and `i + 4` are brought side by side and added
+/// (`l + l'` of each), then three horizontal adds form the reference's pairs and their
+/// sum, each the same single IEEE operation as the reference's.
+#[inline]
+#[target_feature(enable = "avx2,f16c,fma")]
+fn reduce_lanes8(v: [__m256; 8]) -> __m256 {
+    use std::arch::x86_64::{_mm256_hadd_ps, _mm256_permute2f128_ps};
+    let halves = |a: __m256, b: __m256| {
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(a, b),
+            _mm256_permute2f128_ps::<0x31>(a, b),
+        )
+    };
+    let (h04, h15) = (halves(v[0], v[4]), halves(v[1], v[5]));
+    let (h26, h37) = (halves(v[2], v[6]), halves(v[3], v[7]));
+    _mm256_hadd_ps(_mm256_hadd_ps(h04, h15), _mm256_hadd_ps(h26, h37))
+}
+
+/// Eight independent dots (the pairs may differ in length), their chains interleaved and
+/// their lanes reduced together.
+#[inline]
+#[target_feature(enable = "avx2,f16c,fma")]
+fn dot_pairs8<E: Wide>(a: [&[f32]; 8], b: [&[E]; 8]) -> [f32; 8] {
+    let n: [usize; 8] = std::array::from_fn(|i| a[i].len().min(b[i].len()));
+    let whole: [usize; 8] = std::array::from_fn(|i| n[i] - n[i] % LANES);
+    let common = whole.iter().copied().min().unwrap_or(0);
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let mut at = 0;
+    while at < common {
+        for i in 0..8 {
+            acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(load(a[i], at), E::load8(b[i], at)));
+        }
+        at += LANES;
+    }
+    let mut tails = [0f32; 8];
+    for i in 0..8 {
+        let mut lane_at = common;
+        while lane_at < whole[i] {
+            acc[i] = _mm256_add_ps(
+                acc[i],
+                _mm256_mul_ps(load(a[i], lane_at), E::load8(b[i], lane_at)),
+            );
+            lane_at += LANES;
+        }
+        for e in whole[i]..n[i] {
+            tails[i] += a[i][e] * b[i][e].to_f32();
+        }
+    }
+    // The remainders are added to every sum, as the reference does (`+ 0.0` included:
+    // it turns a sum of -0 into +0).
+    let sums = _mm256_add_ps(reduce_lanes8(acc), load(&tails, 0));
+    let mut out = [0f32; 8];
+    // SAFETY: `out` holds exactly the eight f32 one unaligned store writes.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sums) };
+    out
+}
+
+/// [`reference::head_dots_wide`]: where a head is whole registers, eight heads at a
+/// time (their chains interleaved, their lanes reduced together by [`reduce_lanes8`],
+/// plus the reference's empty remainder), a head of one register kept in registers for
+/// the whole run; other widths, and the heads left over, one [`dot`] each.
+#[inline]
+#[target_feature(enable = "avx2,f16c,fma")]
+fn head_dots<E: Wide>(q: &[f32], keys: &[E], shape: RunShape<'_>, out: &mut [f32]) {
+    let RunShape { row_len, hd, kv_at } = shape;
+    let n_heads = kv_at.len();
+    let rows = out.len() / n_heads.max(1);
+    let key = |p: usize| &keys[p * row_len..(p + 1) * row_len];
+    let mut h = 0;
+    if hd.is_multiple_of(LANES) {
+        while h + 8 <= n_heads {
+            let k_at: [usize; 8] = std::array::from_fn(|i| kv_at[h + i]);
+            let q_at: [usize; 8] = std::array::from_fn(|i| (h + i) * hd);
+            let q_one: [__m256; 8] = std::array::from_fn(|i| load(q, q_at[i]));
+            for p in 0..rows {
+                let key = key(p);
+                let acc: [__m256; 8] = if hd == LANES {
+                    std::array::from_fn(|i| {
+                        _mm256_add_ps(
+                            _mm256_setzero_ps(),
+                            _mm256_mul_ps(q_one[i], E::load8(key, k_at[i])),
+                        )
+                    })
+                } else {
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    let mut at = 0;
+                    while at < hd {
+                        for i in 0..8 {
+                            let product =
+                                _mm256_mul_ps(load(q, q_at[i] + at), E::load8(key, k_at[i] + at));
+                            acc[i] = _mm256_add_ps(acc[i], product);
+                        }
+                        at += LANES;
+                    }
+                    acc
+                };
+                let sums = _mm256_add_ps(reduce_lanes8(acc), _mm256_setzero_ps());
+                let o = &mut out[p * n_heads + h..p * n_heads + h + 8];
+                // SAFETY: `o` is eight f32 of `out`, written by one unaligned store.
+                unsafe { _mm256_storeu_ps(o.as_mut_ptr(), sums) };
+            }
+            h += 8;
+        }
+    }
+    for p in 0..rows {
+        let key = key(p);
+        for (hh, &at) in kv_at.iter().enumerate().skip(h) {
+            out[p * n_heads + hh] = dot(&q[hh * hd..(hh + 1) * hd], &key[at..at + hd]);
+        }
+    }
+}
+
+/// [`reference::head_axpy_wide`]: eight heads at a time (then one), each register of their
+/// accumulators kept in a register for the whole run while the rows' values are
+/// multiplied by their weights and added in row order; the remainder of a width that is
+/// not whole registers in order too, as the reference.
+#[inline]
+#[target_feature(enable = "avx2,f16c,fma")]
+fn head_axpy<E: Wide>(acc: &mut [f32], weights: &[f32], values: &[E], shape: RunShape<'_>) {
+    let RunShape { row_len, hd, kv_at } = shape;
+    let n_heads = kv_at.len();
+    let rows = weights.len() / n_heads.max(1);
+    let whole = hd - hd % LANES;
+    let value = |p: usize| &values[p * row_len..(p + 1) * row_len];
+    let mut h = 0;
+    let mut heads = |h: usize, count: usize| {
+        let v_at = &kv_at[h..h + count];
+        let mut at = 0;
+        while at < whole {
+            let mut sums = [_mm256_setzero_ps(); 8];
+            for (i, sum) in sums[..count].iter_mut().enumerate() {
+                *sum = load(acc, (h + i) * hd + at);
+            }
+            for p in 0..rows {
+                let (value, w) = (value(p), &weights[p * n_heads + h..p * n_heads + h + count]);
+                for i in 0..count {
+                    let product =
+                        _mm256_mul_ps(_mm256_set1_ps(w[i]), E::load8(value, v_at[i] + at));
+                    sums[i] = _mm256_add_ps(sums[i], product);
+                }
+            }
+            for (i, sum) in sums[..count].iter().enumerate() {
+                let out = &mut acc[(h + i) * hd + at..(h + i) * hd + at + LANES];
+                // SAFETY: `out` is eight f32 of `acc`, written by one unaligned store.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), *sum) };
+            }
+            at += LANES;
+        }
+        for (i, &v_at) in v_at.iter().enumerate() {
+            for e in whole..hd {
+                for p in 0..rows {
+                    acc[(h + i) * hd + e] +=
+                        weights[p * n_heads + h + i] * value(p)[v_at + e].to_f32();
+                }
+            }
+        }
+    };
+    while h + 8 <= n_heads {
+        heads(h, 8);
+        h += 8;
+    }
+    while h < n_heads {
+        heads(h, 1);
+        h += 1;
+    }
+}
+
+/// [`reference::max_assign`]: `max_ps(x, m)` is `x > m ? x : m`, the reference's
+/// comparison; the remainder through a padded register.
+#[inline]
+#[target_feature(enable = "avx2,f16c,fma")]
+fn max_assign(max: &mut [f32], x: &[f32]) {
+    use std::arch::x86_64::_mm256_max_ps;
+    let n = max.len().min(x.len());
+    let whole = n - n % LANES;
+    let mut at = 0;
+    while at < whole {
+        let m = _mm256_max_ps(load(x, at), load(max, at));
+        let out = &mut max[at..at + LANES];
+        // SAFETY: `out` is eight f32 of `max`, written by one unaligned store.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), m) };
+        at += LANES;
+    }
+    for i in whole..n {
+        max[i] = if x[i] > max[i] { x[i] } else { max[i] };
+    }
 }
 
 /// `acc[i·stride + e] += weights[i]·x[e]`, each chunk of `x` loaded (and widened) once.
