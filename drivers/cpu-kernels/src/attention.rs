@@ -5,6 +5,7 @@
 use half::f16;
 
 use crate::ops::{Elem, Ops, RunShape};
+use crate::scratch::Scratch;
 use crate::{for_each_chunk, with_ops, Dispatch};
 
 /// Shape of one attention call.
@@ -25,6 +26,36 @@ pub enum Rows<'a> {
     F32(&'a [f32]),
     /// f16 rows (widened exactly as they are read).
     F16(&'a [f16]),
+}
+
+/// The K/V an attention call reads, run by run: a run is consecutive positions stored
+/// together (a block of the paged pool), its key rows and its value rows.
+pub trait KvRuns: Sync {
+    /// Number of runs.
+    fn count(&self) -> usize;
+    /// Calls `f` with run `i`'s key rows and value rows (`i < count()`): lent for the
+    /// call, so a source may form or convert them on demand.
+    fn with_run<R>(&self, i: usize, f: impl FnOnce(Rows<'_>, Rows<'_>) -> R) -> R;
+}
+
+impl KvRuns for [(Rows<'_>, Rows<'_>)] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn with_run<R>(&self, i: usize, f: impl FnOnce(Rows<'_>, Rows<'_>) -> R) -> R {
+        f(self[i].0, self[i].1)
+    }
+}
+
+impl KvRuns for Vec<(Rows<'_>, Rows<'_>)> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn with_run<R>(&self, i: usize, f: impl FnOnce(Rows<'_>, Rows<'_>) -> R) -> R {
+        f(self[i].0, self[i].1)
+    }
 }
 
 /// Multiply-adds below which one attention call runs on the calling thread: spreading a
@@ -50,23 +81,23 @@ const PREFETCH_ROWS: usize = 2;
 /// the values weighted and summed in position order ([`crate::reference::axpy`]), then
 /// divided by the sum. Rows are taken in tiles, and each key and value row is read once
 /// per tile, every head at a time (one pass over the cache).
-pub fn attention(
+pub fn attention<R: KvRuns + ?Sized>(
     q: &[f32],
-    runs: &[(Rows<'_>, Rows<'_>)],
+    runs: &R,
     row_len: usize,
     start: usize,
     shape: AttentionShape,
     out: &mut [f32],
 ) {
-    struct Attention<'a, 'r> {
+    struct Attention<'a, R: ?Sized> {
         q: &'a [f32],
-        runs: &'a [(Rows<'r>, Rows<'r>)],
+        runs: &'a R,
         row_len: usize,
         start: usize,
         shape: AttentionShape,
         out: &'a mut [f32],
     }
-    impl Dispatch<()> for Attention<'_, '_> {
+    impl<R: KvRuns + ?Sized> Dispatch<()> for Attention<'_, R> {
         fn run<O: Ops>(self, ops: O) {
             attention_with(
                 ops,
@@ -89,10 +120,10 @@ pub fn attention(
     })
 }
 
-pub(crate) fn attention_with<O: Ops>(
+pub(crate) fn attention_with<O: Ops, R: KvRuns + ?Sized>(
     ops: O,
     q: &[f32],
-    runs: &[(Rows<'_>, Rows<'_>)],
+    runs: &R,
     row_len: usize,
     start: usize,
     shape: AttentionShape,
@@ -125,7 +156,7 @@ struct Tile<'a> {
     /// Positions attended by the tile's last row (`first + rows`).
     len: usize,
     /// Where query head `h`'s key/value head starts in a K/V row (no division per pair).
-    kv_at: Vec<usize>,
+    kv_at: Scratch<usize>,
 }
 
 impl Tile<'_> {
@@ -141,10 +172,10 @@ impl Tile<'_> {
 
 /// [`attention`] of the rows of one tile, the first at position `first`.
 #[inline(always)]
-fn attend_tile<O: Ops>(
+fn attend_tile<O: Ops, R: KvRuns + ?Sized>(
     ops: O,
     q: &[f32],
-    runs: &[(Rows<'_>, Rows<'_>)],
+    runs: &R,
     row_len: usize,
     first: usize,
     shape: AttentionShape,
@@ -161,29 +192,35 @@ fn attend_tile<O: Ops>(
         first,
         rows,
         len: first + rows,
-        kv_at: (0..n_heads).map(|h| (h / group) * shape.head_dim).collect(),
+        kv_at: {
+            let mut kv_at = Scratch::<usize>::zeroed(n_heads);
+            for (h, at) in kv_at.iter_mut().enumerate() {
+                *at = (h / group) * shape.head_dim;
+            }
+            kv_at
+        },
     };
     let len = tile.len;
     // scores[j·pairs + t·heads + h]: position j, row t, head h (j ≤ first + t); one
     // position's scores are adjacent, as both passes over the keys write and read them.
     let pairs = rows * n_heads;
-    let mut scores = vec![0f32; len * pairs];
+    let mut scores = Scratch::<f32>::zeroed(len * pairs);
     let mut j = 0;
-    for (keys, _) in runs {
+    for i in 0..runs.count() {
         if j >= len {
             break;
         }
-        j = match keys {
+        j = runs.with_run(i, |keys, _| match keys {
             Rows::F32(k) => score_run(ops, &tile, k, j, &mut scores),
             Rows::F16(k) => score_run(ops, &tile, k, j, &mut scores),
-        };
+        });
     }
     // Position by position, every (row, head) maximum and sum advancing together: each
     // sum is still in position order, but the chains are independent (no add waits on the
     // one before), and a position's scores are adjacent. Row t attends positions up to
     // first + t.
     let attended = |j: usize| j.saturating_sub(first) * n_heads..pairs;
-    let mut max = vec![f32::NEG_INFINITY; pairs];
+    let mut max = Scratch::filled(pairs, f32::NEG_INFINITY);
     for j in 0..len {
         let at = attended(j);
         ops.max_assign(
@@ -191,7 +228,7 @@ fn attend_tile<O: Ops>(
             &scores[j * pairs..(j + 1) * pairs][at],
         );
     }
-    let mut sums = vec![0f32; pairs];
+    let mut sums = Scratch::<f32>::zeroed(pairs);
     for j in 0..len {
         let at = attended(j);
         let row = &mut scores[j * pairs..(j + 1) * pairs][at.clone()];
@@ -199,14 +236,14 @@ fn attend_tile<O: Ops>(
     }
     out.fill(0.0);
     let mut j = 0;
-    for (_, values) in runs {
+    for i in 0..runs.count() {
         if j >= len {
             break;
         }
-        j = match values {
+        j = runs.with_run(i, |_, values| match values {
             Rows::F32(v) => weigh_run(ops, &tile, v, j, &scores, out),
             Rows::F16(v) => weigh_run(ops, &tile, v, j, &scores, out),
-        };
+        });
     }
     let hd = shape.head_dim;
     for t in 0..rows {

@@ -5,6 +5,7 @@
 use half::{bf16, f16};
 
 use crate::ops::{Elem, Ops};
+use crate::scratch::Scratch;
 use crate::{for_each_chunk, with_ops, Dispatch};
 
 /// Output columns per parallel work item.
@@ -21,35 +22,58 @@ const ROW_TILE: usize = 4;
 /// result `rows × n`. Element `(r, c)` is exactly [`crate::dot`]`(x[r], w[c])`; work is
 /// split across rayon's current pool by output columns.
 pub fn matmul_t(x: &[f32], rows: usize, w: &[f32], n: usize) -> Vec<f32> {
-    dispatch(x, rows, w, n)
+    let mut out = vec![0f32; rows * n];
+    matmul_t_into(x, rows, w, n, &mut out);
+    out
+}
+
+/// [`matmul_t`] into `out` (`rows × n`, every element written; no allocation once this
+/// thread's temporaries are sized).
+pub fn matmul_t_into(x: &[f32], rows: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    dispatch(x, rows, w, n, out)
 }
 
 /// [`matmul_t`] over f16 weights, read at their width (half the bytes of f32) and widened
 /// exactly in registers: element `(r, c)` is exactly [`crate::reference::dot_f16`]`(x[r],
 /// w[c])`.
 pub fn matmul_t_f16(x: &[f32], rows: usize, w: &[f16], n: usize) -> Vec<f32> {
-    dispatch(x, rows, w, n)
+    let mut out = vec![0f32; rows * n];
+    matmul_t_f16_into(x, rows, w, n, &mut out);
+    out
+}
+
+/// [`matmul_t_f16`] into `out` (see [`matmul_t_into`]).
+pub fn matmul_t_f16_into(x: &[f32], rows: usize, w: &[f16], n: usize, out: &mut [f32]) {
+    dispatch(x, rows, w, n, out)
 }
 
 /// [`matmul_t`] over bf16 weights, read at their width and widened exactly in registers:
 /// element `(r, c)` is exactly [`crate::reference::dot_bf16`]`(x[r], w[c])`.
 pub fn matmul_t_bf16(x: &[f32], rows: usize, w: &[bf16], n: usize) -> Vec<f32> {
-    dispatch(x, rows, w, n)
+    let mut out = vec![0f32; rows * n];
+    matmul_t_bf16_into(x, rows, w, n, &mut out);
+    out
 }
 
-fn dispatch<E: Elem>(x: &[f32], rows: usize, w: &[E], n: usize) -> Vec<f32> {
+/// [`matmul_t_bf16`] into `out` (see [`matmul_t_into`]).
+pub fn matmul_t_bf16_into(x: &[f32], rows: usize, w: &[bf16], n: usize, out: &mut [f32]) {
+    dispatch(x, rows, w, n, out)
+}
+
+fn dispatch<E: Elem>(x: &[f32], rows: usize, w: &[E], n: usize, out: &mut [f32]) {
     struct Matmul<'a, E> {
         x: &'a [f32],
         rows: usize,
         w: &'a [E],
         n: usize,
+        out: &'a mut [f32],
     }
-    impl<E: Elem> Dispatch<Vec<f32>> for Matmul<'_, E> {
-        fn run<O: Ops>(self, ops: O) -> Vec<f32> {
-            matmul_t_with(ops, self.x, self.rows, self.w, self.n)
+    impl<E: Elem> Dispatch<()> for Matmul<'_, E> {
+        fn run<O: Ops>(self, ops: O) {
+            matmul_t_with(ops, self.x, self.rows, self.w, self.n, self.out)
         }
     }
-    with_ops(Matmul { x, rows, w, n })
+    with_ops(Matmul { x, rows, w, n, out })
 }
 
 pub(crate) fn matmul_t_with<O: Ops, E: Elem>(
@@ -58,15 +82,15 @@ pub(crate) fn matmul_t_with<O: Ops, E: Elem>(
     rows: usize,
     w: &[E],
     n: usize,
-) -> Vec<f32> {
+    out: &mut [f32],
+) {
+    assert_eq!(out.len(), rows * n, "out is not rows × n");
     if rows == 0 || n == 0 {
-        return Vec::new();
+        return;
     }
     let k = x.len() / rows;
     assert_eq!(x.len(), rows * k, "x is not rows × k");
     assert_eq!(w.len(), n * k, "w is not n × k");
-    // Column-major while computing (each task owns whole columns), row-major at the end.
-    let mut by_column = vec![0f32; n * rows];
     let columns = |(task, out): (usize, &mut [f32])| {
         ops.vectorize(
             #[inline(always)]
@@ -74,14 +98,19 @@ pub(crate) fn matmul_t_with<O: Ops, E: Elem>(
         )
     };
     let parallel = rows * n * k >= PARALLEL_MATMUL_WORK;
+    if rows == 1 {
+        // One row: column-major is row-major.
+        for_each_chunk(out, COLUMNS_PER_TASK, parallel, columns);
+        return;
+    }
+    // Column-major while computing (each task owns whole columns), row-major at the end.
+    let mut by_column = Scratch::<f32>::zeroed(n * rows);
     for_each_chunk(&mut by_column, COLUMNS_PER_TASK * rows, parallel, columns);
-    let mut out = vec![0f32; rows * n];
     for (c, column) in by_column.chunks_exact(rows).enumerate() {
         for (r, value) in column.iter().enumerate() {
             out[r * n + c] = *value;
         }
     }
-    out
 }
 
 /// The columns from `first` that `out` (column-major, `rows` per column) holds.

@@ -32,13 +32,16 @@ mod ops;
 mod q4;
 mod q8;
 pub mod reference;
+mod scratch;
 #[cfg(test)]
 mod tests;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use attention::{attention, AttentionShape, Rows};
-pub use dense::{matmul_t, matmul_t_bf16, matmul_t_f16};
+pub use attention::{attention, AttentionShape, KvRuns, Rows};
+pub use dense::{
+    matmul_t, matmul_t_bf16, matmul_t_bf16_into, matmul_t_f16, matmul_t_f16_into, matmul_t_into,
+};
 pub use half::{bf16, f16};
 pub use q4::{Q4Format, Q4Matrix};
 pub use q8::{quantize_row, quantized_accelerated, Q8Format, Q8Matrix, QuantError, Q8_0_BLOCK};

@@ -199,6 +199,14 @@ impl Q4Matrix {
     /// `x · Wᵀ` for `x` of `rows × k`: `rows × n`, row-major. Each element is exactly
     /// [`Q4Matrix::matmul_t_reference`]'s.
     pub fn matmul_t(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut out = vec![0f32; rows * self.n];
+        self.matmul_t_into(x, rows, &mut out);
+        out
+    }
+
+    /// [`Q4Matrix::matmul_t`] into `out` (`rows × n`, every element written; no
+    /// allocation once this thread's temporaries are sized).
+    pub fn matmul_t_into(&self, x: &[f32], rows: usize, out: &mut [f32]) {
         assert_eq!(x.len(), rows * self.k, "x is not rows × k");
         #[cfg(target_arch = "x86_64")]
         if let Some(vnni) = crate::x86::Avx512Vnni::get() {
@@ -208,24 +216,32 @@ impl Q4Matrix {
                 rows,
                 true,
                 |xq, first, count, t, out| vnni.q4_tile(self, xq, first, count, t, out),
+                out,
             );
         }
         #[cfg(target_arch = "x86_64")]
         if let Some(avx2) = crate::x86::Avx2::get() {
-            return self.matmul_t_avx2(avx2, x, rows);
+            return self.matmul_t_avx2(avx2, x, rows, out);
         }
-        self.matmul_t_reference(x, rows)
+        out.copy_from_slice(&self.matmul_t_reference(x, rows));
     }
 
     /// [`Q4Matrix::matmul_t`] on the AVX2 path whatever else the CPU has.
     #[cfg(target_arch = "x86_64")]
-    pub(crate) fn matmul_t_avx2(&self, avx2: crate::x86::Avx2, x: &[f32], rows: usize) -> Vec<f32> {
+    pub(crate) fn matmul_t_avx2(
+        &self,
+        avx2: crate::x86::Avx2,
+        x: &[f32],
+        rows: usize,
+        out: &mut [f32],
+    ) {
         tiled_matmul(
             (self.n, self.k, self.tiles),
             x,
             rows,
             true,
             |xq, first, count, t, out| avx2.q4_tile(self, xq, first, count, t, out),
+            out,
         )
     }
 

@@ -11,6 +11,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::for_each_chunk;
+use crate::scratch::Scratch;
 
 /// Elements per q8_0 block.
 pub const Q8_0_BLOCK: usize = 32;
@@ -227,6 +228,14 @@ impl Q8Matrix {
     /// `x · Wᵀ` for `x` of `rows × k`: `rows × n`, row-major. Each element is exactly
     /// [`Q8Matrix::matmul_t_reference`]'s.
     pub fn matmul_t(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut out = vec![0f32; rows * self.n];
+        self.matmul_t_into(x, rows, &mut out);
+        out
+    }
+
+    /// [`Q8Matrix::matmul_t`] into `out` (`rows × n`, every element written; no
+    /// allocation once this thread's temporaries are sized).
+    pub fn matmul_t_into(&self, x: &[f32], rows: usize, out: &mut [f32]) {
         assert_eq!(x.len(), rows * self.k, "x is not rows × k");
         #[cfg(target_arch = "x86_64")]
         if let Some(vnni) = crate::x86::Avx512Vnni::get() {
@@ -236,24 +245,32 @@ impl Q8Matrix {
                 rows,
                 false,
                 |xq, first, count, t, out| vnni.q8_0_tile(self, xq, first, count, t, out),
+                out,
             );
         }
         #[cfg(target_arch = "x86_64")]
         if let Some(avx2) = crate::x86::Avx2::get() {
-            return self.matmul_t_avx2(avx2, x, rows);
+            return self.matmul_t_avx2(avx2, x, rows, out);
         }
-        self.matmul_t_reference(x, rows)
+        out.copy_from_slice(&self.matmul_t_reference(x, rows));
     }
 
     /// [`Q8Matrix::matmul_t`] on the AVX2 path whatever else the CPU has.
     #[cfg(target_arch = "x86_64")]
-    pub(crate) fn matmul_t_avx2(&self, avx2: crate::x86::Avx2, x: &[f32], rows: usize) -> Vec<f32> {
+    pub(crate) fn matmul_t_avx2(
+        &self,
+        avx2: crate::x86::Avx2,
+        x: &[f32],
+        rows: usize,
+        out: &mut [f32],
+    ) {
         tiled_matmul(
             (self.n, self.k, self.tiles),
             x,
             rows,
             false,
             |xq, first, count, t, out| avx2.q8_0_tile(self, xq, first, count, t, out),
+            out,
         )
     }
 
@@ -346,10 +363,11 @@ pub(crate) fn tiled_matmul(
     rows: usize,
     signed: bool,
     tile: impl Fn(&QuantRows, usize, usize, usize, &mut [f32]) + Sync,
-) -> Vec<f32> {
+    out: &mut [f32],
+) {
+    assert_eq!(out.len(), rows * n, "out is not rows × n");
     let parallel = rows * n * k >= PARALLEL_WORK;
     let xq = QuantRows::new(x, rows, k, parallel, signed);
-    let mut out = vec![0f32; rows * n];
     if rows >= ROWS_SPLIT_FROM {
         let rows_task = |(index, chunk): (usize, &mut [f32])| {
             let (first, count) = (index * ROW_BLOCK, chunk.len() / n);
@@ -363,11 +381,11 @@ pub(crate) fn tiled_matmul(
                 }
             }
         };
-        for_each_chunk(&mut out, ROW_BLOCK * n, parallel, rows_task);
-        return out;
+        for_each_chunk(out, ROW_BLOCK * n, parallel, rows_task);
+        return;
     }
     // by_tile[t][r][j]: tile t, row r, column j of the tile.
-    let mut by_tile = vec![0f32; tiles * rows * TILE];
+    let mut by_tile = Scratch::<f32>::zeroed(tiles * rows * TILE);
     let tiles_task = |(index, chunk): (usize, &mut [f32])| {
         for (i, stripe) in chunk.chunks_exact_mut(rows * TILE).enumerate() {
             let t = index * TILES_PER_TASK + i;
@@ -398,23 +416,22 @@ pub(crate) fn tiled_matmul(
                 .copy_from_slice(&stripe[r * TILE..r * TILE + cols]);
         }
     }
-    out
 }
 
 /// Rows of activations quantised for the VNNI path: int8 values offset by +128 (unsigned)
 /// and one scale per block.
 pub(crate) struct QuantRows {
     /// `[row][k]`.
-    pub(crate) unsigned: Vec<u8>,
+    pub(crate) unsigned: Scratch<u8>,
     /// `[row][k]`: the same activations signed (what the 4-bit kernels multiply their
     /// unsigned nibbles by, broadcast straight from memory); empty for the int8 kernels.
-    pub(crate) signed: Vec<i8>,
+    pub(crate) signed: Scratch<i8>,
     /// `[row][block]`.
-    pub(crate) scales: Vec<f32>,
+    pub(crate) scales: Scratch<f32>,
     /// `[row][block]`: the sum of the block's quantised activations (what a weight
     /// format with a per-block offset, `w = d·q + m`, multiplies by `m`); empty for the
     /// int8 kernels.
-    pub(crate) sums: Vec<i32>,
+    pub(crate) sums: Scratch<i32>,
     pub(crate) k: usize,
 }
 
@@ -422,8 +439,8 @@ impl QuantRows {
     /// `signed`: also the signed copy and the block sums (what the 4-bit kernels read).
     fn new(x: &[f32], rows: usize, k: usize, parallel: bool, signed: bool) -> Self {
         let blocks = k / Q8_0_BLOCK;
-        let mut unsigned = vec![0u8; rows * k];
-        let mut scales = vec![0f32; rows * blocks];
+        let mut unsigned = Scratch::<u8>::zeroed(rows * k);
+        let mut scales = Scratch::<f32>::zeroed(rows * blocks);
         let row = |((u, d), x): ((&mut [u8], &mut [f32]), &[f32])| {
             #[cfg(target_arch = "x86_64")]
             if let Some(vnni) = crate::x86::Avx512Vnni::get() {
@@ -455,14 +472,17 @@ impl QuantRows {
                 .for_each(row);
         }
         let (signed, sums) = if signed {
-            let signed: Vec<i8> = unsigned.iter().map(|&u| (u ^ 0x80) as i8).collect();
-            let sums = signed
-                .chunks_exact(Q8_0_BLOCK)
-                .map(|block| block.iter().map(|&q| i32::from(q)).sum())
-                .collect();
+            let mut signed = Scratch::<i8>::zeroed(rows * k);
+            for (s, &u) in signed.iter_mut().zip(unsigned.iter()) {
+                *s = (u ^ 0x80) as i8;
+            }
+            let mut sums = Scratch::<i32>::zeroed(rows * blocks);
+            for (sum, block) in sums.iter_mut().zip(signed.chunks_exact(Q8_0_BLOCK)) {
+                *sum = block.iter().map(|&q| i32::from(q)).sum();
+            }
             (signed, sums)
         } else {
-            (Vec::new(), Vec::new())
+            (Scratch::zeroed(0), Scratch::zeroed(0))
         };
         Self {
             unsigned,

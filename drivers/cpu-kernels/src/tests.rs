@@ -6,6 +6,7 @@ use proptest::prelude::*;
 
 use crate::attention::attention_with;
 use crate::dense::matmul_t_with;
+use crate::ops::Elem;
 use crate::ops::{Ops, Portable};
 use crate::reference;
 use crate::{AttentionShape, Rows};
@@ -20,6 +21,13 @@ fn values(len: usize) -> impl Strategy<Value = Vec<f32>> {
 
 fn halves(v: &[f32]) -> Vec<f16> {
     v.iter().map(|&x| f16::from_f32(x)).collect()
+}
+
+/// [`matmul_t_with`] into a new buffer.
+fn matmul<O: Ops, E: Elem>(ops: O, x: &[f32], rows: usize, w: &[E], n: usize) -> Vec<f32> {
+    let mut out = vec![f32::NAN; rows * n];
+    matmul_t_with(ops, x, rows, w, n, &mut out);
+    out
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -276,16 +284,16 @@ proptest! {
             .map(|(r, c)| reference::dot_f16(&x[r * k..(r + 1) * k], &wh[c * k..(c + 1) * k]).to_bits())
             .collect();
         for isa in isas() { with_isa!(isa, |ops| {
-            assert_eq!(bits(&matmul_t_with(ops, &x, rows, &w, n)), expected);
-            assert_eq!(bits(&matmul_t_with(ops, &x, rows, &wh, n)), expected_f16);
-            assert_eq!(bits(&matmul_t_with(ops, &x, rows, &wb, n)), expected_bf16);
+            assert_eq!(bits(&matmul(ops, &x, rows, &w, n)), expected);
+            assert_eq!(bits(&matmul(ops, &x, rows, &wh, n)), expected_f16);
+            assert_eq!(bits(&matmul(ops, &x, rows, &wb, n)), expected_bf16);
             // Each row alone gives the same bits as in the batch.
             for r in 0..rows {
-                let alone = matmul_t_with(ops, &x[r * k..(r + 1) * k], 1, &w, n);
+                let alone = matmul(ops, &x[r * k..(r + 1) * k], 1, &w, n);
                 assert_eq!(bits(&alone), expected[r * n..(r + 1) * n].to_vec());
-                let alone = matmul_t_with(ops, &x[r * k..(r + 1) * k], 1, &wh, n);
+                let alone = matmul(ops, &x[r * k..(r + 1) * k], 1, &wh, n);
                 assert_eq!(bits(&alone), expected_f16[r * n..(r + 1) * n].to_vec());
-                let alone = matmul_t_with(ops, &x[r * k..(r + 1) * k], 1, &wb, n);
+                let alone = matmul(ops, &x[r * k..(r + 1) * k], 1, &wb, n);
                 assert_eq!(bits(&alone), expected_bf16[r * n..(r + 1) * n].to_vec());
             }
         }) }
@@ -310,7 +318,7 @@ proptest! {
         // Every row alone on the reference, the keys in one run.
         let mut alone = vec![0f32; len * width];
         for p in 0..len {
-            attention_with(Portable, &q[p * width..(p + 1) * width], &runs(p + 1, len), row, p, shape,
+            attention_with(Portable, &q[p * width..(p + 1) * width], runs(p + 1, len).as_slice(), row, p, shape,
                 &mut alone[p * width..(p + 1) * width]);
         }
         for isa in isas() { with_isa!(isa, |ops| {
@@ -318,7 +326,7 @@ proptest! {
             while start < len {
                 let count = chunk.min(len - start);
                 let mut out = vec![0f32; count * width];
-                attention_with(ops, &q[start * width..(start + count) * width], &runs(start + count, run),
+                attention_with(ops, &q[start * width..(start + count) * width], runs(start + count, run).as_slice(),
                     row, start, shape, &mut out);
                 assert_eq!(bits(&out), bits(&alone[start * width..(start + count) * width]));
                 start += count;
@@ -401,7 +409,9 @@ proptest! {
         prop_assert_eq!(bits(&fast), bits(&direct));
         #[cfg(target_arch = "x86_64")]
         if let Some(avx2) = crate::x86::Avx2::get() {
-            prop_assert_eq!(bits(&m.matmul_t_avx2(avx2, &x, rows)), bits(&direct));
+            let mut avx2_out = vec![f32::NAN; rows * n];
+            m.matmul_t_avx2(avx2, &x, rows, &mut avx2_out);
+            prop_assert_eq!(bits(&avx2_out), bits(&direct));
         }
         for r in 0..rows {
             let alone = m.matmul_t(&x[r * k..(r + 1) * k], 1);
@@ -531,7 +541,9 @@ macro_rules! packed {
             }
             #[cfg(target_arch = "x86_64")]
             fn avx2(&self, avx2: crate::x86::Avx2, x: &[f32], rows: usize) -> Vec<f32> {
-                self.matmul_t_avx2(avx2, x, rows)
+                let mut out = vec![f32::NAN; rows * self.n()];
+                self.matmul_t_avx2(avx2, x, rows, &mut out);
+                out
             }
             fn reference(&self, x: &[f32], rows: usize) -> Vec<f32> {
                 self.matmul_t_reference(x, rows)

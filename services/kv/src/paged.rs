@@ -331,30 +331,45 @@ fn scatter(
     }
 }
 
-/// Positions `0..len` of one layer's keys (`kind` 0) or values (`kind` 1), one run per
-/// block: borrowed in place where the mapped bytes can be read as their type (aligned, on
-/// a little-endian target), else converted.
-fn runs<'p>(
+/// A paged sequence's blocks of one layer, as a view's runs: each borrowed in place where
+/// the mapped bytes can be read as their type (aligned, on a little-endian target), else
+/// converted.
+pub(crate) struct BlockRuns<'p> {
     pool: &'p BlockPool,
-    seq: &SeqState,
+    seq: &'p SeqState,
     layer: usize,
-    kind: usize,
     len: usize,
-) -> Vec<KvRows<'p>> {
-    let row = seq.shape.row_len();
-    let bt = seq.block_tokens;
-    let elem = seq.dtype.bytes();
-    let mut out = Vec::with_capacity(len.div_ceil(bt));
-    for (i, &block) in seq.table.iter().enumerate().take(len.div_ceil(bt)) {
-        let run = bt.min(len - i * bt);
-        let at = layout::run_offset(row, bt, layer, kind, 0, elem);
-        let bytes = &pool.block_data(block)[at..at + run * row * elem];
-        out.push(match seq.dtype {
-            KvDtype::F32 => KvRows::F32(f32s(bytes)),
-            KvDtype::F16 => KvRows::F16(f16s(bytes)),
-        });
+}
+
+impl std::fmt::Debug for BlockRuns<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockRuns")
+            .field("seq", &self.seq.seq_id)
+            .field("layer", &self.layer)
+            .field("len", &self.len)
+            .finish()
     }
-    out
+}
+
+impl BlockRuns<'_> {
+    /// Block `i`'s key rows and value rows among positions `0..len` (in place).
+    pub(crate) fn run(&self, i: usize) -> (KvRows<'_>, KvRows<'_>) {
+        let seq = self.seq;
+        let row = seq.shape.row_len();
+        let bt = seq.block_tokens;
+        let elem = seq.dtype.bytes();
+        let run = bt.min(self.len - i * bt);
+        let data = self.pool.block_data(seq.table[i]);
+        let rows = |kind: usize| {
+            let at = layout::run_offset(row, bt, self.layer, kind, 0, elem);
+            let bytes = &data[at..at + run * row * elem];
+            match seq.dtype {
+                KvDtype::F32 => KvRows::F32(f32s(bytes)),
+                KvDtype::F16 => KvRows::F16(f16s(bytes)),
+            }
+        };
+        (rows(0), rows(1))
+    }
 }
 
 /// The pool stores f32 or f16 little-endian in bytes (a file has no endianness of its
@@ -489,14 +504,18 @@ impl KvStore for PagedKv {
             )));
         }
         let pool = self.pool.read();
-        let view = KvView::new(
+        let blocks = BlockRuns {
+            pool: &pool,
+            seq,
+            layer,
+            len,
+        };
+        f(&KvView::blocks(
             seq.shape.row_len(),
             seq.block_tokens,
             len,
-            runs(&pool, seq, layer, 0, len),
-            runs(&pool, seq, layer, 1, len),
-        );
-        f(&view);
+            blocks,
+        ));
         Ok(())
     }
 

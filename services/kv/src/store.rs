@@ -156,7 +156,7 @@ pub enum KvRows<'a> {
     F16(Cow<'a, [half::f16]>),
 }
 
-impl KvRows<'_> {
+impl<'a> KvRows<'a> {
     /// Elements in the run.
     pub fn len(&self) -> usize {
         match self {
@@ -196,10 +196,24 @@ impl KvRows<'_> {
 
     /// Row `i` (of `row_len` elements) as f32.
     pub fn row(&self, i: usize, row_len: usize) -> Cow<'_, [f32]> {
+        self.borrowed().into_row(i, row_len)
+    }
+
+    /// [`KvRows::row`], keeping a borrowed run's lifetime.
+    pub fn into_row(self, i: usize, row_len: usize) -> Cow<'a, [f32]> {
         let at = i * row_len..(i + 1) * row_len;
         match self {
-            KvRows::F32(rows) => Cow::Borrowed(&rows[at]),
+            KvRows::F32(Cow::Borrowed(rows)) => Cow::Borrowed(&rows[at]),
+            KvRows::F32(Cow::Owned(rows)) => Cow::Owned(rows[at].to_vec()),
             KvRows::F16(rows) => Cow::Owned(rows[at].iter().map(|x| x.to_f32()).collect()),
+        }
+    }
+
+    /// The same rows, borrowed.
+    pub fn borrowed(&self) -> KvRows<'_> {
+        match self {
+            KvRows::F32(rows) => KvRows::F32(Cow::Borrowed(rows)),
+            KvRows::F16(rows) => KvRows::F16(Cow::Borrowed(rows)),
         }
     }
 }
@@ -211,14 +225,28 @@ impl<'a> From<Cow<'a, [f32]>> for KvRows<'a> {
 }
 
 /// Positions `0..len` of one layer's keys and values, lent in place: runs of consecutive
-/// positions (one per block of a paged store), each a slice of rows.
+/// positions (one per block of a paged store), each a slice of rows. Runs are formed on
+/// demand from where the store keeps them, so lending a view allocates nothing.
 #[derive(Debug)]
 pub struct KvView<'a> {
     row: usize,
     run: usize,
     len: usize,
-    keys: Vec<KvRows<'a>>,
-    values: Vec<KvRows<'a>>,
+    source: RunSource<'a>,
+}
+
+/// Where a view's runs come from.
+#[derive(Debug)]
+enum RunSource<'a> {
+    /// Given run by run.
+    Given {
+        keys: Vec<KvRows<'a>>,
+        values: Vec<KvRows<'a>>,
+    },
+    /// One run each of keys and values, f32.
+    Contiguous { keys: &'a [f32], values: &'a [f32] },
+    /// The blocks of a paged store.
+    Blocks(crate::paged::BlockRuns<'a>),
 }
 
 impl<'a> KvView<'a> {
@@ -235,8 +263,32 @@ impl<'a> KvView<'a> {
             row,
             run: run.max(1),
             len,
-            keys,
-            values,
+            source: RunSource::Given { keys, values },
+        }
+    }
+
+    /// A view of `len` positions held in one run of f32 rows each.
+    pub(crate) fn contiguous(row: usize, len: usize, keys: &'a [f32], values: &'a [f32]) -> Self {
+        Self {
+            row,
+            run: len.max(1),
+            len,
+            source: RunSource::Contiguous { keys, values },
+        }
+    }
+
+    /// A view of a paged store's blocks.
+    pub(crate) fn blocks(
+        row: usize,
+        run: usize,
+        len: usize,
+        blocks: crate::paged::BlockRuns<'a>,
+    ) -> Self {
+        Self {
+            row,
+            run: run.max(1),
+            len,
+            source: RunSource::Blocks(blocks),
         }
     }
 
@@ -250,20 +302,45 @@ impl<'a> KvView<'a> {
         self.len == 0
     }
 
+    /// Number of runs.
+    pub fn run_count(&self) -> usize {
+        match &self.source {
+            RunSource::Given { keys, .. } => keys.len(),
+            RunSource::Contiguous { .. } => usize::from(self.len > 0),
+            RunSource::Blocks(_) => self.len.div_ceil(self.run),
+        }
+    }
+
+    /// Run `i`'s key rows and value rows (whole rows; a run may hold rows past `len()`,
+    /// which callers stop before). Borrowed in place wherever the store's bytes allow.
+    pub fn run(&self, i: usize) -> (KvRows<'_>, KvRows<'_>) {
+        match &self.source {
+            RunSource::Given { keys, values } => (keys[i].borrowed(), values[i].borrowed()),
+            RunSource::Contiguous { keys, values } => (
+                KvRows::F32(Cow::Borrowed(keys)),
+                KvRows::F32(Cow::Borrowed(values)),
+            ),
+            RunSource::Blocks(blocks) => blocks.run(i),
+        }
+    }
+
     /// The key row (`n_kv_heads × head_dim`) of position `pos`, as f32.
     pub fn key(&self, pos: usize) -> Cow<'_, [f32]> {
-        self.keys[pos / self.run].row(pos % self.run, self.row)
+        self.run(pos / self.run)
+            .0
+            .into_row(pos % self.run, self.row)
     }
 
     /// The value row of position `pos`, as f32.
     pub fn value(&self, pos: usize) -> Cow<'_, [f32]> {
-        self.values[pos / self.run].row(pos % self.run, self.row)
+        self.run(pos / self.run)
+            .1
+            .into_row(pos % self.run, self.row)
     }
 
-    /// The runs in position order: the key rows and the value rows of each (whole rows;
-    /// a run may hold rows past `len()`, which callers stop before).
-    pub fn runs(&self) -> impl Iterator<Item = (&KvRows<'a>, &KvRows<'a>)> + '_ {
-        self.keys.iter().zip(&self.values)
+    /// The runs in position order (see [`KvView::run`]).
+    pub fn runs(&self) -> impl Iterator<Item = (KvRows<'_>, KvRows<'_>)> + '_ {
+        (0..self.run_count()).map(|i| self.run(i))
     }
 
     /// Floats per row (`n_kv_heads × head_dim`).
@@ -385,12 +462,11 @@ impl KvStore for ContiguousKv {
                 keys.len() / row
             )));
         }
-        f(&KvView::new(
+        f(&KvView::contiguous(
             row,
             len,
-            len,
-            vec![KvRows::F32(Cow::Borrowed(&keys[..len * row]))],
-            vec![KvRows::F32(Cow::Borrowed(&values[..len * row]))],
+            &keys[..len * row],
+            &values[..len * row],
         ));
         Ok(())
     }

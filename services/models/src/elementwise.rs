@@ -25,19 +25,20 @@ fn each_row(data: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync
     }
 }
 
-/// `x / √(mean(x²) + eps) · weight` per row of `weight.len()` elements, into a new buffer:
-/// the sum of squares in order, then `(x / m) · w` per element (candle's `rms_norm`).
-pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
-    let mut out = x.to_vec();
+/// `x / √(mean(x²) + eps) · weight` per row of `weight.len()` elements, into `out`
+/// (resized; no allocation once it has the capacity): the sum of squares in order, then
+/// `(x / m) · w` per element (candle's `rms_norm`).
+pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut Vec<f32>) {
+    out.clear();
+    out.extend_from_slice(x);
     let n = weight.len();
-    each_row(&mut out, n, |_, row| {
+    each_row(out, n, |_, row| {
         let sum2: f32 = row.iter().map(|&v| v * v).sum();
         let m = (sum2 / n as f32 + eps).sqrt();
         for (v, &w) in row.iter_mut().zip(weight) {
             *v = *v / m * w;
         }
     });
-    out
 }
 
 /// Rotary tables: `[position][head_dim / 2]` cosines and sines, computed as the reference

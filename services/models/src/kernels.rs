@@ -7,10 +7,12 @@
 //! to the original, and resume exact, under load. This module adapts the pool's
 //! [`KvView`] to the kernels' runs of rows.
 
-use llmos_cpu_kernels::Rows;
+use llmos_cpu_kernels::{KvRuns, Rows};
 use llmos_kv::{KvRows, KvView};
 
-pub use llmos_cpu_kernels::{dot, matmul_t, matmul_t_bf16, matmul_t_f16, AttentionShape};
+pub use llmos_cpu_kernels::{
+    dot, matmul_t, matmul_t_bf16_into, matmul_t_f16_into, matmul_t_into, AttentionShape,
+};
 
 fn rows<'a>(rows: &'a KvRows<'_>) -> Rows<'a> {
     match rows {
@@ -19,12 +21,25 @@ fn rows<'a>(rows: &'a KvRows<'_>) -> Rows<'a> {
     }
 }
 
+/// A view's runs as the attention kernel reads them, formed on demand (nothing collected).
+struct ViewRuns<'v, 'a>(&'v KvView<'a>);
+
+impl KvRuns for ViewRuns<'_, '_> {
+    fn count(&self) -> usize {
+        self.0.run_count()
+    }
+
+    fn with_run<R>(&self, i: usize, f: impl FnOnce(Rows<'_>, Rows<'_>) -> R) -> R {
+        let (keys, values) = self.0.run(i);
+        f(rows(&keys), rows(&values))
+    }
+}
+
 /// Causal attention of `n` new rows at positions `start..start + n` over the keys and
 /// values of positions `0..start + n` in `kv` (already holding the new rows), read in
 /// place; see [`llmos_cpu_kernels::attention`] for the order of operations.
 pub fn attention(q: &[f32], kv: &KvView<'_>, start: usize, shape: AttentionShape, out: &mut [f32]) {
-    let runs: Vec<(Rows<'_>, Rows<'_>)> = kv.runs().map(|(k, v)| (rows(k), rows(v))).collect();
-    llmos_cpu_kernels::attention(q, &runs, kv.row_len(), start, shape, out)
+    llmos_cpu_kernels::attention(q, &ViewRuns(kv), kv.row_len(), start, shape, out)
 }
 
 #[cfg(test)]

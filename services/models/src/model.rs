@@ -4,7 +4,7 @@
 //! op per layer.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{Device, Tensor};
 use llmos_kv::{KvShape, KvStore};
@@ -16,7 +16,7 @@ use crate::elementwise::{add_assign, rms_norm, silu_mul, Rotary};
 use crate::error::{ModelError, Result};
 use crate::progress::LoadProgress;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{Layer, Weights};
+use crate::weights::{sized, Layer, Weights};
 
 /// One sequence's part of a batched forward step.
 pub struct SeqStep<'a> {
@@ -46,6 +46,66 @@ pub struct Model {
     weights: Weights,
     device: Device,
     rotary: Rotary,
+    /// Buffers of finished steps, lent to the next ones (one per step in flight).
+    buffers: Mutex<Vec<StepBuffers>>,
+}
+
+/// The buffers of one forward step: every intermediate of the layers is written into
+/// them, so a step allocates nothing per op once earlier steps have sized them.
+#[derive(Default)]
+struct StepBuffers {
+    /// The residual stream `[T, dim]`.
+    x: Vec<f32>,
+    /// The normed input of a block `[T, dim]`.
+    normed: Vec<f32>,
+    /// A fused projection's output before its columns are split.
+    fused: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Attention output `[T, H·hd]`.
+    attention: Vec<f32>,
+    /// Output of `wo` or `down` `[T, dim]`.
+    projected: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    positions: Vec<usize>,
+    plans: Vec<SeqPlan>,
+    /// Final-norm input and output of the rows that want logits.
+    last: Vec<f32>,
+    last_normed: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+/// Buffers kept by the model at most (steps in flight at once beyond this allocate).
+const KEPT_STEP_BUFFERS: usize = 8;
+
+/// A step's buffers larger than this are freed after it rather than kept: one long
+/// prompt's chunk should not pin its memory for every later decode step.
+const KEPT_BYTES: usize = 256 << 20;
+
+impl StepBuffers {
+    /// Bytes the buffers hold (capacity).
+    fn bytes(&self) -> usize {
+        let floats = [
+            &self.x,
+            &self.normed,
+            &self.fused,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.attention,
+            &self.projected,
+            &self.gate,
+            &self.up,
+            &self.last,
+            &self.last_normed,
+            &self.logits,
+        ];
+        floats.iter().map(|v| v.capacity() * 4).sum::<usize>()
+            + self.positions.capacity() * std::mem::size_of::<usize>()
+            + self.plans.capacity() * std::mem::size_of::<SeqPlan>()
+    }
 }
 
 /// Projection multiply-adds of a step from which it is worth handing to the compute pool
@@ -237,6 +297,7 @@ impl Model {
             config,
             weights,
             device: device.clone(),
+            buffers: Mutex::new(Vec::new()),
         })
     }
 
@@ -295,10 +356,34 @@ impl Model {
     pub fn forward_with(
         &self,
         batch: &mut [SeqStep<'_>],
+        options: StepOptions<'_>,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        let mut buffers = self
+            .buffers
+            .lock()
+            .map(|mut kept| kept.pop())
+            .unwrap_or_default()
+            .unwrap_or_default();
+        let result = self.step(batch, options, &mut buffers);
+        if buffers.bytes() <= KEPT_BYTES {
+            if let Ok(mut kept) = self.buffers.lock() {
+                if kept.len() < KEPT_STEP_BUFFERS {
+                    kept.push(buffers);
+                }
+            }
+        }
+        result
+    }
+
+    /// [`Model::forward_with`] in `b`'s buffers.
+    fn step(
+        &self,
+        batch: &mut [SeqStep<'_>],
         mut options: StepOptions<'_>,
+        b: &mut StepBuffers,
     ) -> Result<Vec<Option<Vec<f32>>>> {
         let c = &self.config;
-        let plans = self.plan(batch)?;
+        self.plan(batch, &mut b.plans)?;
         if let Some(wanted) = options.logits {
             if wanted.len() != batch.len() {
                 return Err(ModelError::InvalidInput(format!(
@@ -308,16 +393,18 @@ impl Model {
                 )));
             }
         }
-        let total: usize = plans.iter().map(|p| p.n).sum();
-        let mut x = Vec::with_capacity(total * c.dim);
+        let total: usize = b.plans.iter().map(|p| p.n).sum();
+        b.x.clear();
         for s in batch.iter() {
             for &t in s.tokens {
                 let at = t as usize * c.dim;
-                x.extend_from_slice(&self.weights.embed[at..at + c.dim]);
+                b.x.extend_from_slice(&self.weights.embed[at..at + c.dim]);
             }
         }
-        let positions: Vec<usize> = plans.iter().flat_map(|p| p.start..p.start + p.n).collect();
-        for (s, p) in batch.iter_mut().zip(&plans) {
+        b.positions.clear();
+        b.positions
+            .extend(b.plans.iter().flat_map(|p| p.start..p.start + p.n));
+        for (s, p) in batch.iter_mut().zip(&b.plans) {
             s.kv.reserve(p.start + p.n)?;
         }
         for (l, layer) in self.weights.layers.iter().enumerate() {
@@ -326,48 +413,53 @@ impl Model {
                     return Err(ModelError::Aborted(l));
                 }
             }
-            let h = rms_norm(&x, &layer.attn_norm, c.rms_eps);
-            let (q, k, v) = self.qkv(layer, &h, &positions)?;
-            let attn = self.attend(l, batch, &plans, &q, &k, &v)?;
-            add_assign(&mut x, &layer.wo.forward_rows(&attn, total, &self.device)?);
-            let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps);
-            add_assign(&mut x, &self.ffn(layer, &h, total)?);
+            rms_norm(&b.x, &layer.attn_norm, c.rms_eps, &mut b.normed);
+            self.qkv(layer, b)?;
+            self.attend(l, batch, b)?;
+            layer
+                .wo
+                .forward_into(&b.attention, total, &self.device, &mut b.projected)?;
+            add_assign(&mut b.x, &b.projected);
+            rms_norm(&b.x, &layer.ffn_norm, c.rms_eps, &mut b.normed);
+            self.ffn(layer, total, b)?;
+            add_assign(&mut b.x, &b.projected);
         }
-        for (s, p) in batch.iter_mut().zip(&plans) {
+        for (s, p) in batch.iter_mut().zip(&b.plans) {
             s.kv.commit(p.start + p.n)?;
         }
 
-        let wanted: Vec<usize> = (0..plans.len())
-            .filter(|&i| options.logits.is_none_or(|w| w[i]))
-            .collect();
-        let mut out: Vec<Option<Vec<f32>>> = vec![None; plans.len()];
-        if wanted.is_empty() {
+        let mut out: Vec<Option<Vec<f32>>> = vec![None; b.plans.len()];
+        let wanted = |i: usize| options.logits.is_none_or(|w| w[i]);
+        b.last.clear();
+        for (i, p) in b.plans.iter().enumerate().filter(|(i, _)| wanted(*i)) {
+            let row = p.offset + p.n - 1;
+            b.last
+                .extend_from_slice(&b.x[row * c.dim..(row + 1) * c.dim]);
+            out[i] = Some(Vec::new());
+        }
+        let rows = b.last.len() / c.dim;
+        if rows == 0 {
             return Ok(out);
         }
-        let mut last = Vec::with_capacity(wanted.len() * c.dim);
-        for &i in &wanted {
-            let row = plans[i].offset + plans[i].n - 1;
-            last.extend_from_slice(&x[row * c.dim..(row + 1) * c.dim]);
-        }
-        let h = rms_norm(&last, &self.weights.norm, c.rms_eps);
-        let logits = self
-            .weights
+        rms_norm(&b.last, &self.weights.norm, c.rms_eps, &mut b.last_normed);
+        self.weights
             .lm_head
-            .forward_rows(&h, wanted.len(), &self.device)?;
-        for (row, i) in logits.chunks_exact(c.vocab_size).zip(wanted) {
-            out[i] = Some(row.to_vec());
+            .forward_into(&b.last_normed, rows, &self.device, &mut b.logits)?;
+        let mut rows = b.logits.chunks_exact(c.vocab_size);
+        for logits in out.iter_mut().flatten() {
+            logits.extend_from_slice(rows.next().unwrap_or_default());
         }
         Ok(out)
     }
 
     /// Validates the batch and lays out where each sequence's rows are.
-    fn plan(&self, batch: &[SeqStep<'_>]) -> Result<Vec<SeqPlan>> {
+    fn plan(&self, batch: &[SeqStep<'_>], plans: &mut Vec<SeqPlan>) -> Result<()> {
         let c = &self.config;
         if batch.is_empty() {
             return Err(ModelError::InvalidInput("empty batch".into()));
         }
         let mut offset = 0;
-        let mut plans = Vec::with_capacity(batch.len());
+        plans.clear();
         for (i, s) in batch.iter().enumerate() {
             let n = s.tokens.len();
             let bad = |what: String| Err(ModelError::InvalidInput(format!("sequence {i}: {what}")));
@@ -408,43 +500,33 @@ impl Model {
             });
             offset += n;
         }
-        Ok(plans)
+        Ok(())
     }
 
-    /// Projections and rotary embedding for all rows (row `r` at `positions[r]`): q
-    /// `[T, H·hd]` (already scaled by 1/√hd), k and v `[T, Hkv·hd]`.
-    fn qkv(
-        &self,
-        layer: &Layer,
-        h: &[f32],
-        positions: &[usize],
-    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    /// Projections and rotary embedding of `b.normed` for all rows (row `r` at
+    /// `b.positions[r]`): `b.q` `[T, H·hd]` (already scaled by 1/√hd), `b.k` and `b.v`
+    /// `[T, Hkv·hd]`.
+    fn qkv(&self, layer: &Layer, b: &mut StepBuffers) -> Result<()> {
         let c = &self.config;
-        let t = positions.len();
+        let t = b.positions.len();
         let (qd, kvd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
-        let parts = layer
-            .qkv
-            .forward_rows(h, t, &self.device)?
-            .split(t, &[qd, kvd, kvd])?;
-        let [mut q, mut k, v] = <[Vec<f32>; 3]>::try_from(parts)
-            .map_err(|_| ModelError::InvalidInput("q/k/v split into other than 3".into()))?;
+        layer.qkv.forward_into(
+            &b.normed,
+            t,
+            &self.device,
+            [qd, kvd, kvd],
+            &mut b.fused,
+            [&mut b.q, &mut b.k, &mut b.v],
+        )?;
         let scale = (1.0 / (c.head_dim as f64).sqrt()) as f32;
-        self.rotary.apply(&mut q, qd, positions, Some(scale));
-        self.rotary.apply(&mut k, kvd, positions, None);
-        Ok((q, k, v))
+        self.rotary.apply(&mut b.q, qd, &b.positions, Some(scale));
+        self.rotary.apply(&mut b.k, kvd, &b.positions, None);
+        Ok(())
     }
 
     /// Attention of every sequence: stores its new k/v rows, then attends over its whole
-    /// cache in place ([`crate::kernels::attention`]); returns `[T, H * hd]`.
-    fn attend(
-        &self,
-        layer: usize,
-        batch: &mut [SeqStep<'_>],
-        plans: &[SeqPlan],
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-    ) -> Result<Vec<f32>> {
+    /// cache in place ([`crate::kernels::attention`]) into `b.attention` `[T, H * hd]`.
+    fn attend(&self, layer: usize, batch: &mut [SeqStep<'_>], b: &mut StepBuffers) -> Result<()> {
         let c = &self.config;
         let shape = crate::kernels::AttentionShape {
             n_heads: c.n_heads,
@@ -452,21 +534,16 @@ impl Model {
             head_dim: c.head_dim,
         };
         let (qd, kvd) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let plans = &b.plans;
         let total: usize = plans.iter().map(|p| p.n).sum();
         // New rows first (each store takes its pool's lock for writing in turn)…
         for (s, p) in batch.iter_mut().zip(plans) {
             let rows = p.offset * kvd..(p.offset + p.n) * kvd;
-            s.kv.write_rows(layer, p.start, &k[rows.clone()], &v[rows])?;
+            s.kv.write_rows(layer, p.start, &b.k[rows.clone()], &b.v[rows])?;
         }
         // …then every sequence attends at once, reading its K/V in place.
-        let mut out = vec![0f32; total * qd];
-        let mut parts: Vec<&mut [f32]> = Vec::with_capacity(plans.len());
-        let mut rest = out.as_mut_slice();
-        for p in plans {
-            let (part, tail) = rest.split_at_mut(p.n * qd);
-            parts.push(part);
-            rest = tail;
-        }
+        let q = &b.q;
+        let out = sized(&mut b.attention, total * qd);
         let attend_one = |((s, p), o): ((&SeqStep<'_>, &SeqPlan), &mut [f32])| {
             let q = &q[p.offset * qd..(p.offset + p.n) * qd];
             s.kv.view(layer, p.start + p.n, &mut |view| {
@@ -477,6 +554,13 @@ impl Model {
         // own attention splits by rows inside the kernel).
         let work: usize = plans.iter().map(|p| p.n * (p.start + p.n) * qd).sum();
         if plans.len() > 1 && work >= PARALLEL_ATTENTION_WORK {
+            let mut parts: Vec<&mut [f32]> = Vec::with_capacity(plans.len());
+            let mut rest = out;
+            for p in plans {
+                let (part, tail) = rest.split_at_mut(p.n * qd);
+                parts.push(part);
+                rest = tail;
+            }
             batch
                 .par_iter()
                 .zip(plans.par_iter())
@@ -484,26 +568,31 @@ impl Model {
                 .map(attend_one)
                 .collect::<std::result::Result<Vec<()>, llmos_kv::KvError>>()?;
         } else {
-            batch
-                .iter()
-                .zip(plans)
-                .zip(parts)
-                .map(attend_one)
-                .collect::<std::result::Result<Vec<()>, llmos_kv::KvError>>()?;
+            let mut rest = out;
+            for (s, p) in batch.iter().zip(plans) {
+                let (part, tail) = rest.split_at_mut(p.n * qd);
+                rest = tail;
+                attend_one(((s, p), part))?;
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
-    /// The feed-forward of all `rows`: `down(silu(gate(h)) · up(h))`.
-    fn ffn(&self, layer: &Layer, h: &[f32], rows: usize) -> Result<Vec<f32>> {
+    /// The feed-forward of all `rows` of `b.normed` into `b.projected`:
+    /// `down(silu(gate(h)) · up(h))`.
+    fn ffn(&self, layer: &Layer, rows: usize, b: &mut StepBuffers) -> Result<()> {
         let f = self.config.ffn_dim;
-        let parts = layer
-            .gate_up
-            .forward_rows(h, rows, &self.device)?
-            .split(rows, &[f, f])?;
-        let [mut gate, up] = <[Vec<f32>; 2]>::try_from(parts)
-            .map_err(|_| ModelError::InvalidInput("gate/up split into other than 2".into()))?;
-        silu_mul(&mut gate, &up, f);
-        layer.down.forward_rows(&gate, rows, &self.device)
+        layer.gate_up.forward_into(
+            &b.normed,
+            rows,
+            &self.device,
+            [f, f],
+            &mut b.fused,
+            [&mut b.gate, &mut b.up],
+        )?;
+        silu_mul(&mut b.gate, &b.up, f);
+        layer
+            .down
+            .forward_into(&b.gate, rows, &self.device, &mut b.projected)
     }
 }

@@ -147,30 +147,54 @@ impl Linear {
     }
 
     /// `x · Wᵀ` for `x` of `rows × in` (row-major): `rows × out`, row-major.
+    #[cfg(test)]
     pub(crate) fn forward_rows(&self, x: &[f32], rows: usize, device: &Device) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        self.forward_into(x, rows, device, &mut out)?;
+        Ok(out)
+    }
+
+    /// `x · Wᵀ` into `out`, resized to `rows × out` (our kernels write it in place: no
+    /// allocation once `out` has the capacity; candle's path copies its result in).
+    pub(crate) fn forward_into(
+        &self,
+        x: &[f32],
+        rows: usize,
+        device: &Device,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         match self {
             Linear::Dense {
                 w: DenseWeights::F32(w),
-                out,
-            } => Ok(crate::kernels::matmul_t(x, rows, w, *out)),
+                out: n,
+            } => crate::kernels::matmul_t_into(x, rows, w, *n, sized(out, rows * n)),
             Linear::Dense {
                 w: DenseWeights::F16(w),
-                out,
-            } => Ok(crate::kernels::matmul_t_f16(x, rows, w, *out)),
+                out: n,
+            } => crate::kernels::matmul_t_f16_into(x, rows, w, *n, sized(out, rows * n)),
             Linear::Dense {
                 w: DenseWeights::BF16(w),
-                out,
-            } => Ok(crate::kernels::matmul_t_bf16(x, rows, w, *out)),
-            Linear::Q8(m) => Ok(m.matmul_t(x, rows)),
-            Linear::Q4(m) => Ok(m.matmul_t(x, rows)),
+                out: n,
+            } => crate::kernels::matmul_t_bf16_into(x, rows, w, *n, sized(out, rows * n)),
+            Linear::Q8(m) => m.matmul_t_into(x, rows, sized(out, rows * m.n())),
+            Linear::Q4(m) => m.matmul_t_into(x, rows, sized(out, rows * m.n())),
             Linear::Quant { matmul, dtype } => {
                 let k = x.len() / rows.max(1);
                 let x = Tensor::from_slice(x, (rows, k), device)?;
                 let y = candle_forward(matmul, *dtype, &x, rows)?;
-                Ok(to_f32(y)?.flatten_all()?.to_vec1::<f32>()?)
+                out.clear();
+                out.extend_from_slice(&to_f32(y)?.flatten_all()?.to_vec1::<f32>()?);
             }
         }
+        Ok(())
     }
+}
+
+/// `v` as a slice of `len` elements: grown with zeros or cut, its capacity kept (what is
+/// left in it is overwritten by the caller).
+pub(crate) fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    v.resize(len, 0.0);
+    v
 }
 
 /// candle's quantized matmul, called so that a row's result never depends on the batch:
@@ -290,55 +314,52 @@ impl Fused {
         Ok(Fused::Many(mats))
     }
 
-    /// The parts' outputs for `x` of `rows × in`: `[rows][part widths…]` concatenated when
-    /// fused (one matmul), else one `rows × width` block per part.
-    pub(crate) fn forward_rows(&self, x: &[f32], rows: usize, device: &Device) -> Result<FusedOut> {
-        Ok(match self {
-            Fused::One(m) => FusedOut::One(m.forward_rows(x, rows, device)?),
-            Fused::Many(ms) => FusedOut::Many(
-                ms.iter()
-                    .map(|m| m.forward_rows(x, rows, device))
-                    .collect::<Result<Vec<_>>>()?,
-            ),
-        })
-    }
-}
-
-/// Output of a [`Fused`] projection, row-major.
-pub(crate) enum FusedOut {
-    /// Every row holds all parts' columns, in order.
-    One(Vec<f32>),
-    /// One block per part.
-    Many(Vec<Vec<f32>>),
-}
-
-impl FusedOut {
-    /// Splits the columns of every row into the parts of `widths`: one `rows × width`
-    /// block per part.
-    pub(crate) fn split(self, rows: usize, widths: &[usize]) -> Result<Vec<Vec<f32>>> {
+    /// The parts' outputs for `x` of `rows × in`, each into its buffer of `rows ×
+    /// widths[i]`: one matmul into `fused` then its columns split when fused, else one
+    /// matmul per part.
+    pub(crate) fn forward_into<const N: usize>(
+        &self,
+        x: &[f32],
+        rows: usize,
+        device: &Device,
+        widths: [usize; N],
+        fused: &mut Vec<f32>,
+        mut parts: [&mut Vec<f32>; N],
+    ) -> Result<()> {
         match self {
-            FusedOut::Many(parts) if parts.len() == widths.len() => Ok(parts),
-            FusedOut::Many(parts) => Err(crate::error::ModelError::InvalidInput(format!(
-                "a fused projection of {} parts split into {}",
-                parts.len(),
-                widths.len()
-            ))),
-            FusedOut::One(all) => {
+            Fused::One(m) => {
+                m.forward_into(x, rows, device, fused)?;
                 let row: usize = widths.iter().sum();
-                let mut parts: Vec<Vec<f32>> = widths
-                    .iter()
-                    .map(|w| Vec::with_capacity(rows * w))
-                    .collect();
-                for r in all.chunks_exact(row) {
+                if fused.len() != rows * row {
+                    return Err(crate::error::ModelError::InvalidInput(format!(
+                        "a fused projection of {} columns split into {row}",
+                        fused.len() / rows.max(1)
+                    )));
+                }
+                for (part, &w) in parts.iter_mut().zip(&widths) {
+                    sized(part, rows * w);
+                }
+                for (r, all) in fused.chunks_exact(row).enumerate() {
                     let mut at = 0;
-                    for (part, &w) in parts.iter_mut().zip(widths) {
-                        part.extend_from_slice(&r[at..at + w]);
+                    for (part, &w) in parts.iter_mut().zip(&widths) {
+                        part[r * w..(r + 1) * w].copy_from_slice(&all[at..at + w]);
                         at += w;
                     }
                 }
-                Ok(parts)
+            }
+            Fused::Many(ms) if ms.len() == N => {
+                for (m, part) in ms.iter().zip(parts) {
+                    m.forward_into(x, rows, device, part)?;
+                }
+            }
+            Fused::Many(ms) => {
+                return Err(crate::error::ModelError::InvalidInput(format!(
+                    "a fused projection of {} parts split into {N}",
+                    ms.len()
+                )))
             }
         }
+        Ok(())
     }
 }
 
