@@ -205,6 +205,45 @@ proptest! {
     }
 
     #[test]
+    fn head_dots_and_head_axpy_are_the_reference_bit_for_bit_for_any_width(
+        n_kv_heads in 1usize..4, group in 1usize..5, hd in prop_oneof![Just(8usize), Just(16), Just(64), 1usize..20],
+        rows in 0usize..20, seed in any::<u64>(),
+    ) {
+        let shape = AttentionShape { n_heads: n_kv_heads * group, n_kv_heads, head_dim: hd };
+        let (keys, values, q) = attention_case(shape, rows.max(1), seed);
+        let row_len = n_kv_heads * hd;
+        let n_heads = shape.n_heads;
+        let kv_at: Vec<usize> = (0..n_heads).map(|h| (h / group) * hd).collect();
+        let (keys, values) = (&keys[..rows * row_len], &values[..rows * row_len]);
+        let (keys_h, values_h) = (halves(keys), halves(values));
+        let q = &q[..n_heads * hd];
+        let run = crate::ops::RunShape { row_len, hd, kv_at: &kv_at };
+        let mut expected = vec![0f32; rows * n_heads];
+        reference::head_dots(q, keys, row_len, hd, &kv_at, &mut expected);
+        let mut expected_h = vec![0f32; rows * n_heads];
+        reference::head_dots_f16(q, &keys_h, row_len, hd, &kv_at, &mut expected_h);
+        let weights: Vec<f32> = expected.iter().map(|s| s * 0.25).collect();
+        let start: Vec<f32> = (0..n_heads * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut expected_acc = start.clone();
+        reference::head_axpy(&mut expected_acc, &weights, values, row_len, hd, &kv_at);
+        let mut expected_acc_h = start.clone();
+        reference::head_axpy_f16(&mut expected_acc_h, &weights, &values_h, row_len, hd, &kv_at);
+        for isa in isas() { with_isa!(isa, |ops| {
+            let mut got = vec![f32::NAN; rows * n_heads];
+            ops.head_dots(q, keys, run, &mut got);
+            prop_assert_eq!(bits(&got), bits(&expected));
+            ops.head_dots_f16(q, &keys_h, run, &mut got);
+            prop_assert_eq!(bits(&got), bits(&expected_h));
+            let mut acc = start.clone();
+            ops.head_axpy(&mut acc, &weights, values, run);
+            prop_assert_eq!(bits(&acc), bits(&expected_acc));
+            let mut acc = start.clone();
+            ops.head_axpy_f16(&mut acc, &weights, &values_h, run);
+            prop_assert_eq!(bits(&acc), bits(&expected_acc_h));
+        }) }
+    }
+
+    #[test]
     fn dot_is_the_reference_bit_for_bit(
         (a, b) in (0usize..300, 0usize..9).prop_flat_map(|(n, extra)| (values(n + extra), values(n))),
     ) {

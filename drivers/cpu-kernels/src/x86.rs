@@ -151,14 +151,7 @@ impl Ops for Avx2 {
 
     #[inline(always)]
     fn prefetch<T>(self, data: &[T]) {
-        let bytes = std::mem::size_of_val(data);
-        let base = data.as_ptr().cast::<i8>();
-        let mut at = 0;
-        while at < bytes {
-            // SAFETY: a prefetch is a hint that never faults; the address is inside `data`.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(base.add(at)) };
-            at += CACHE_LINE;
-        }
+        prefetch(data)
     }
 
     #[inline(always)]
@@ -169,6 +162,32 @@ impl Ops for Avx2 {
         }
         // SAFETY: an `Avx2` token exists only where AVX2, F16C and FMA were detected.
         unsafe { with_features(f) }
+    }
+}
+
+/// Brings `data` towards the cache (a hint: no effect on any result).
+#[inline(always)]
+fn prefetch<T>(data: &[T]) {
+    let bytes = std::mem::size_of_val(data);
+    let base = data.as_ptr().cast::<i8>();
+    let mut at = 0;
+    while at < bytes {
+        // SAFETY: a prefetch is a hint that never faults; the address is inside `data`.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(base.add(at)) };
+        at += CACHE_LINE;
+    }
+}
+
+/// Rows of a run ahead of the one being read that are prefetched: K/V rows of wide heads
+/// are a few KiB, in blocks scattered over the pool.
+const PREFETCH_ROWS: usize = 2;
+
+/// Prefetches row `p + PREFETCH_ROWS` of `run` (rows of `row_len`) when the run has it.
+#[inline(always)]
+fn prefetch_ahead<E>(run: &[E], p: usize, row_len: usize) {
+    let at = (p + PREFETCH_ROWS) * row_len;
+    if at + row_len <= run.len() {
+        prefetch(&run[at..at + row_len]);
     }
 }
 
@@ -485,10 +504,11 @@ fn dot_pairs8<E: Wide>(a: [&[f32]; 8], b: [&[E]; 8]) -> [f32; 8] {
     out
 }
 
-/// [`reference::head_dots_wide`]: where a head is whole registers, eight heads at a
-/// time (their chains interleaved, their lanes reduced together by [`reduce_lanes8`],
-/// plus the reference's empty remainder), a head of one register kept in registers for
-/// the whole run; other widths, and the heads left over, one [`dot`] each.
+/// [`reference::head_dots_wide`]. Heads of one register: eight at a time, the query
+/// held in registers for the whole run, their lanes reduced together by
+/// [`reduce_lanes8`] (plus the reference's empty remainder). Wider heads (where the
+/// query would not fit in registers): row by row, four heads at a time by [`dot_pairs`]
+/// then one by one, the next rows prefetched.
 #[inline]
 #[target_feature(enable = "avx2,f16c,fma")]
 fn head_dots<E: Wide>(q: &[f32], keys: &[E], shape: RunShape<'_>, out: &mut [f32]) {
@@ -497,33 +517,18 @@ fn head_dots<E: Wide>(q: &[f32], keys: &[E], shape: RunShape<'_>, out: &mut [f32
     let rows = out.len() / n_heads.max(1);
     let key = |p: usize| &keys[p * row_len..(p + 1) * row_len];
     let mut h = 0;
-    if hd.is_multiple_of(LANES) {
+    if hd == LANES {
         while h + 8 <= n_heads {
             let k_at: [usize; 8] = std::array::from_fn(|i| kv_at[h + i]);
-            let q_at: [usize; 8] = std::array::from_fn(|i| (h + i) * hd);
-            let q_one: [__m256; 8] = std::array::from_fn(|i| load(q, q_at[i]));
+            let q_head: [__m256; 8] = std::array::from_fn(|i| load(q, (h + i) * hd));
             for p in 0..rows {
                 let key = key(p);
-                let acc: [__m256; 8] = if hd == LANES {
-                    std::array::from_fn(|i| {
-                        _mm256_add_ps(
-                            _mm256_setzero_ps(),
-                            _mm256_mul_ps(q_one[i], E::load8(key, k_at[i])),
-                        )
-                    })
-                } else {
-                    let mut acc = [_mm256_setzero_ps(); 8];
-                    let mut at = 0;
-                    while at < hd {
-                        for i in 0..8 {
-                            let product =
-                                _mm256_mul_ps(load(q, q_at[i] + at), E::load8(key, k_at[i] + at));
-                            acc[i] = _mm256_add_ps(acc[i], product);
-                        }
-                        at += LANES;
-                    }
-                    acc
-                };
+                let acc: [__m256; 8] = std::array::from_fn(|i| {
+                    _mm256_add_ps(
+                        _mm256_setzero_ps(),
+                        _mm256_mul_ps(q_head[i], E::load8(key, k_at[i])),
+                    )
+                });
                 let sums = _mm256_add_ps(reduce_lanes8(acc), _mm256_setzero_ps());
                 let o = &mut out[p * n_heads + h..p * n_heads + h + 8];
                 // SAFETY: `o` is eight f32 of `out`, written by one unaligned store.
@@ -532,18 +537,29 @@ fn head_dots<E: Wide>(q: &[f32], keys: &[E], shape: RunShape<'_>, out: &mut [f32
             h += 8;
         }
     }
+    if h == n_heads {
+        return;
+    }
     for p in 0..rows {
+        prefetch_ahead(keys, p, row_len);
         let key = key(p);
-        for (hh, &at) in kv_at.iter().enumerate().skip(h) {
+        let mut hh = h;
+        while hh + 4 <= n_heads {
+            let qs: [&[f32]; 4] = std::array::from_fn(|i| &q[(hh + i) * hd..(hh + i + 1) * hd]);
+            let ks: [&[E]; 4] = std::array::from_fn(|i| &key[kv_at[hh + i]..kv_at[hh + i] + hd]);
+            out[p * n_heads + hh..p * n_heads + hh + 4].copy_from_slice(&dot_pairs(qs, ks));
+            hh += 4;
+        }
+        for (hh, &at) in kv_at.iter().enumerate().skip(hh) {
             out[p * n_heads + hh] = dot(&q[hh * hd..(hh + 1) * hd], &key[at..at + hd]);
         }
     }
 }
 
-/// [`reference::head_axpy_wide`]: eight heads at a time (then one), each register of their
-/// accumulators kept in a register for the whole run while the rows' values are
-/// multiplied by their weights and added in row order; the remainder of a width that is
-/// not whole registers in order too, as the reference.
+/// [`reference::head_axpy_wide`]. Heads of one register: eight heads at a time (then
+/// one), their accumulators kept in registers for the whole run while the rows' values
+/// are multiplied by their weights and added in row order. Wider heads: row by row, as
+/// the reference (the remainder of a width that is not whole registers in order too).
 #[inline]
 #[target_feature(enable = "avx2,f16c,fma")]
 fn head_axpy<E: Wide>(acc: &mut [f32], weights: &[f32], values: &[E], shape: RunShape<'_>) {
@@ -585,6 +601,34 @@ fn head_axpy<E: Wide>(acc: &mut [f32], weights: &[f32], values: &[E], shape: Run
             }
         }
     };
+    if hd != LANES {
+        // Wider heads: their accumulators would not fit in registers; row by row, each
+        // register of the accumulator loaded, added to and stored (the same operations).
+        for p in 0..rows {
+            prefetch_ahead(values, p, row_len);
+            let value = value(p);
+            let w = &weights[p * n_heads..(p + 1) * n_heads];
+            for (h, (&w, &v_at)) in w.iter().zip(kv_at).enumerate() {
+                let wv = _mm256_set1_ps(w);
+                let mut at = 0;
+                while at < whole {
+                    let a_at = h * hd + at;
+                    let sum = _mm256_add_ps(
+                        load(acc, a_at),
+                        _mm256_mul_ps(wv, E::load8(value, v_at + at)),
+                    );
+                    let out = &mut acc[a_at..a_at + LANES];
+                    // SAFETY: `out` is eight f32 of `acc`, written by one unaligned store.
+                    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sum) };
+                    at += LANES;
+                }
+                for e in whole..hd {
+                    acc[h * hd + e] += w * value[v_at + e].to_f32();
+                }
+            }
+        }
+        return;
+    }
     while h + 8 <= n_heads {
         heads(h, 8);
         h += 8;
