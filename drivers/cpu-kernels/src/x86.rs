@@ -410,23 +410,25 @@ fn load_bf16(s: &[bf16], at: usize) -> __m256 {
     _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)))
 }
 
-/// Four independent dots, their chains interleaved (the pairs may differ in length).
+/// `N` independent dots (the pairs may differ in length), their chains interleaved: each
+/// pair's lane accumulators over its whole multiple of eight, and its remainder summed in
+/// order, as the reference computes them before the reduction.
 #[inline]
 #[target_feature(enable = "avx2,f16c,fma")]
-fn dot_pairs<E: Wide>(a: [&[f32]; 4], b: [&[E]; 4]) -> [f32; 4] {
-    let n: [usize; 4] = std::array::from_fn(|i| a[i].len().min(b[i].len()));
-    let whole: [usize; 4] = std::array::from_fn(|i| n[i] - n[i] % LANES);
+fn dot_lanes<E: Wide, const N: usize>(a: [&[f32]; N], b: [&[E]; N]) -> ([__m256; N], [f32; N]) {
+    let n: [usize; N] = std::array::from_fn(|i| a[i].len().min(b[i].len()));
+    let whole: [usize; N] = std::array::from_fn(|i| n[i] - n[i] % LANES);
     let common = whole.iter().copied().min().unwrap_or(0);
-    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut acc = [_mm256_setzero_ps(); N];
     let mut at = 0;
     while at < common {
-        for i in 0..4 {
+        for i in 0..N {
             acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(load(a[i], at), E::load8(b[i], at)));
         }
         at += LANES;
     }
-    let mut tails = [0f32; 4];
-    for i in 0..4 {
+    let mut tails = [0f32; N];
+    for i in 0..N {
         let mut lane_at = common;
         while lane_at < whole[i] {
             acc[i] = _mm256_add_ps(
@@ -439,6 +441,14 @@ fn dot_pairs<E: Wide>(a: [&[f32]; 4], b: [&[E]; 4]) -> [f32; 4] {
             tails[i] += a[i][e] * b[i][e].to_f32();
         }
     }
+    (acc, tails)
+}
+
+/// Four independent dots, their chains interleaved (the pairs may differ in length).
+#[inline]
+#[target_feature(enable = "avx2,f16c,fma")]
+fn dot_pairs<E: Wide>(a: [&[f32]; 4], b: [&[E]; 4]) -> [f32; 4] {
+    let (acc, tails) = dot_lanes(a, b);
     let mut out = reduce_lanes4(acc);
     for (o, tail) in out.iter_mut().zip(tails) {
         *o += tail;
@@ -470,31 +480,7 @@ fn reduce_lanes8(v: [__m256; 8]) -> __m256 {
 #[inline]
 #[target_feature(enable = "avx2,f16c,fma")]
 fn dot_pairs8<E: Wide>(a: [&[f32]; 8], b: [&[E]; 8]) -> [f32; 8] {
-    let n: [usize; 8] = std::array::from_fn(|i| a[i].len().min(b[i].len()));
-    let whole: [usize; 8] = std::array::from_fn(|i| n[i] - n[i] % LANES);
-    let common = whole.iter().copied().min().unwrap_or(0);
-    let mut acc = [_mm256_setzero_ps(); 8];
-    let mut at = 0;
-    while at < common {
-        for i in 0..8 {
-            acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(load(a[i], at), E::load8(b[i], at)));
-        }
-        at += LANES;
-    }
-    let mut tails = [0f32; 8];
-    for i in 0..8 {
-        let mut lane_at = common;
-        while lane_at < whole[i] {
-            acc[i] = _mm256_add_ps(
-                acc[i],
-                _mm256_mul_ps(load(a[i], lane_at), E::load8(b[i], lane_at)),
-            );
-            lane_at += LANES;
-        }
-        for e in whole[i]..n[i] {
-            tails[i] += a[i][e] * b[i][e].to_f32();
-        }
-    }
+    let (acc, tails) = dot_lanes(a, b);
     // The remainders are added to every sum, as the reference does (`+ 0.0` included:
     // it turns a sum of -0 into +0).
     let sums = _mm256_add_ps(reduce_lanes8(acc), load(&tails, 0));
