@@ -166,7 +166,9 @@ pub async fn run(args: RunArgs) -> Result<(), GenerateError> {
     let mut config = config(&args.model, &args.devices, &state_dir, args.kv_budget_mb)?;
     config.flush = args.flush;
     config.kv_dtype = args.kv_dtype;
-    write_record(
+    // Booting takes the state directory's lock: nothing is written there before it.
+    let runtime = Runtime::boot(config).await?;
+    if let Err(e) = write_record(
         &state_dir,
         &RunRecord {
             model: absolute(&args.model),
@@ -174,8 +176,10 @@ pub async fn run(args: RunArgs) -> Result<(), GenerateError> {
             kv_budget_mb: args.kv_budget_mb,
             kv_dtype: format!("{:?}", args.kv_dtype).to_lowercase(),
         },
-    )?;
-    let runtime = Runtime::boot(config).await?;
+    ) {
+        runtime.shutdown("run record not written").await;
+        return Err(e);
+    }
     let outcome = match runtime.submit(&args.prompt, params).await {
         Ok(stream) => print_stream(&runtime, stream).await,
         Err(err) => Err(err.into()),

@@ -62,6 +62,17 @@ pub enum InferenceError {
     /// A newer instance of this request's task has taken over.
     #[error("request {0}: this task instance was superseded")]
     Superseded(u64),
+    /// Another process (or runtime) holds the state directory's lock.
+    #[error(
+        "state directory {} is in use by {holder}; stop that process or use another --state-dir",
+        dir.display()
+    )]
+    StateDirInUse {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Who holds it, as its lock file says.
+        holder: String,
+    },
     /// A broken invariant inside the services.
     #[error("internal error: {0}")]
     Internal(String),

@@ -16,6 +16,7 @@ mod sampler;
 mod scheduler;
 mod services;
 mod sink;
+mod state_lock;
 mod task;
 mod text;
 
@@ -41,5 +42,6 @@ pub use services::{
     Services,
 };
 pub use sink::{Delivered, FinishReason, StreamEvent};
+pub use state_lock::LOCK_FILE;
 pub use task::{task_step_point_for, MAX_STALLED_STARTS, REQUESTS_PATH, TASK_STEP_POINT};
 pub use text::TextStream;

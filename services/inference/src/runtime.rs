@@ -33,6 +33,7 @@ use crate::sampler::SamplingParams;
 use crate::scheduler::{SchedulerActor, SchedulerMsg, SCHEDULER_PATH};
 use crate::services::{DeviceRuntime, Services};
 use crate::sink::{FinishReason, RequestSink, StreamEvent};
+use crate::state_lock::StateLock;
 use crate::task::{task_spec, RequestParams, REQUESTS_PATH};
 use crate::text::{visible_after, TextStream};
 
@@ -41,6 +42,8 @@ use crate::text::{visible_after, TextStream};
 pub struct Runtime {
     kernel: Kernel,
     services: Arc<Services>,
+    /// The state directory's lock: released by `shutdown`, or when the last handle goes.
+    lock: Arc<std::sync::Mutex<Option<StateLock>>>,
 }
 
 /// The client end of one request.
@@ -73,6 +76,7 @@ impl Runtime {
                 config.state_dir.display()
             ))
         })?;
+        let lock = StateLock::acquire(&config.state_dir)?;
         let model = Arc::new(load_model(&config)?);
         let shape = model.model.kv_shape();
         let mut devices = Vec::new();
@@ -89,7 +93,11 @@ impl Runtime {
         }
         let kernel = Kernel::boot("llmos", spec).await?;
         services.set_kernel(kernel.clone());
-        let runtime = Runtime { kernel, services };
+        let runtime = Runtime {
+            kernel,
+            services,
+            lock: Arc::new(std::sync::Mutex::new(Some(lock))),
+        };
         runtime
             .scheduler()
             .await?
@@ -445,6 +453,8 @@ impl Runtime {
     /// Orderly shutdown of the tree (the journal is flushed by its actor).
     pub async fn shutdown(&self, reason: &str) {
         self.kernel.shutdown(reason).await;
+        // The tree is down: another runtime may take the directory.
+        self.lock.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     fn append(&self, record: &Record) -> Result<(), InferenceError> {
