@@ -8,7 +8,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use llmos_app::AppHost;
 use llmos_inference::Runtime;
-use llmos_kernel::{NodeSnapshot, NodeState};
+use llmos_kernel::{NodeKind, NodeSnapshot, NodeState, RestartType};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -35,6 +35,19 @@ impl Default for Metrics {
     }
 }
 
+/// Whether a node's normal exit is the end of its job (transient or temporary), not an
+/// outage.
+fn ends_by_design(kind: &NodeKind) -> bool {
+    let restart = match kind {
+        NodeKind::Worker { restart } => Some(*restart),
+        NodeKind::Supervisor { restart, .. } => *restart,
+    };
+    matches!(
+        restart,
+        Some(RestartType::Transient) | Some(RestartType::Temporary)
+    )
+}
+
 /// The `/health` answer.
 pub(crate) struct Health {
     pub ok: bool,
@@ -49,9 +62,13 @@ pub(crate) fn health(runtime: &Runtime, apps: Option<&AppHost>) -> Health {
     let snapshot = runtime.kernel().snapshot();
     for node in snapshot.nodes() {
         match node.state {
+            // A transient or temporary child that stopped ended by design (a finished
+            // request task on its way out of the tree: a snapshot can catch it between
+            // its normal exit and its removal); it failed only if it is `Failed`.
+            NodeState::Stopped if ends_by_design(&node.kind) => {}
             NodeState::Failed | NodeState::Restarting | NodeState::Stopped => {
-                // Finished request tasks are removed from the tree; a stopped node that is
-                // still listed is one that is not coming back.
+                // A stopped permanent node that is still listed is one that is not
+                // coming back.
                 reasons.push(format!("{}: {:?}", node.path, node.state).to_lowercase());
             }
             NodeState::Starting | NodeState::Running => {}
