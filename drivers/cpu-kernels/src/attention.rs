@@ -50,11 +50,11 @@ impl KvRuns for [(Rows<'_>, Rows<'_>)] {
 
 impl KvRuns for Vec<(Rows<'_>, Rows<'_>)> {
     fn count(&self) -> usize {
-        self.len()
+        self.as_slice().count()
     }
 
     fn with_run<R>(&self, i: usize, f: impl FnOnce(Rows<'_>, Rows<'_>) -> R) -> R {
-        f(self[i].0, self[i].1)
+        self.as_slice().with_run(i, f)
     }
 }
 
@@ -193,7 +193,7 @@ fn attend_tile<O: Ops, R: KvRuns + ?Sized>(
         rows,
         len: first + rows,
         kv_at: {
-            let mut kv_at = Scratch::<usize>::zeroed(n_heads);
+            let mut kv_at = Scratch::<usize>::overwritten(n_heads);
             for (h, at) in kv_at.iter_mut().enumerate() {
                 *at = (h / group) * shape.head_dim;
             }
@@ -204,7 +204,7 @@ fn attend_tile<O: Ops, R: KvRuns + ?Sized>(
     // scores[j·pairs + t·heads + h]: position j, row t, head h (j ≤ first + t); one
     // position's scores are adjacent, as both passes over the keys write and read them.
     let pairs = rows * n_heads;
-    let mut scores = Scratch::<f32>::zeroed(len * pairs);
+    let mut scores = Scratch::<f32>::overwritten(len * pairs);
     let mut j = 0;
     for i in 0..runs.count() {
         if j >= len {

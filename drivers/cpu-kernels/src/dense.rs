@@ -104,7 +104,7 @@ pub(crate) fn matmul_t_with<O: Ops, E: Elem>(
         return;
     }
     // Column-major while computing (each task owns whole columns), row-major at the end.
-    let mut by_column = Scratch::<f32>::zeroed(n * rows);
+    let mut by_column = Scratch::<f32>::overwritten(n * rows);
     for_each_chunk(&mut by_column, COLUMNS_PER_TASK * rows, parallel, columns);
     for (c, column) in by_column.chunks_exact(rows).enumerate() {
         for (r, value) in column.iter().enumerate() {

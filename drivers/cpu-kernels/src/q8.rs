@@ -385,7 +385,7 @@ pub(crate) fn tiled_matmul(
         return;
     }
     // by_tile[t][r][j]: tile t, row r, column j of the tile.
-    let mut by_tile = Scratch::<f32>::zeroed(tiles * rows * TILE);
+    let mut by_tile = Scratch::<f32>::overwritten(tiles * rows * TILE);
     let tiles_task = |(index, chunk): (usize, &mut [f32])| {
         for (i, stripe) in chunk.chunks_exact_mut(rows * TILE).enumerate() {
             let t = index * TILES_PER_TASK + i;
@@ -439,8 +439,8 @@ impl QuantRows {
     /// `signed`: also the signed copy and the block sums (what the 4-bit kernels read).
     fn new(x: &[f32], rows: usize, k: usize, parallel: bool, signed: bool) -> Self {
         let blocks = k / Q8_0_BLOCK;
-        let mut unsigned = Scratch::<u8>::zeroed(rows * k);
-        let mut scales = Scratch::<f32>::zeroed(rows * blocks);
+        let mut unsigned = Scratch::<u8>::overwritten(rows * k);
+        let mut scales = Scratch::<f32>::overwritten(rows * blocks);
         let row = |((u, d), x): ((&mut [u8], &mut [f32]), &[f32])| {
             #[cfg(target_arch = "x86_64")]
             if let Some(vnni) = crate::x86::Avx512Vnni::get() {
@@ -472,11 +472,11 @@ impl QuantRows {
                 .for_each(row);
         }
         let (signed, sums) = if signed {
-            let mut signed = Scratch::<i8>::zeroed(rows * k);
+            let mut signed = Scratch::<i8>::overwritten(rows * k);
             for (s, &u) in signed.iter_mut().zip(unsigned.iter()) {
                 *s = (u ^ 0x80) as i8;
             }
-            let mut sums = Scratch::<i32>::zeroed(rows * blocks);
+            let mut sums = Scratch::<i32>::overwritten(rows * blocks);
             for (sum, block) in sums.iter_mut().zip(signed.chunks_exact(Q8_0_BLOCK)) {
                 *sum = block.iter().map(|&q| i32::from(q)).sum();
             }

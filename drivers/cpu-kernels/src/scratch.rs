@@ -41,11 +41,26 @@ pub(crate) struct Scratch<T: Pooled> {
 impl<T: Pooled> Scratch<T> {
     /// `len` elements, each `value`.
     pub(crate) fn filled(len: usize, value: T) -> Self {
-        let mut buf = T::with_pool(|pool| pool.try_borrow_mut().ok()?.pop())
+        let mut scratch = Self::taken();
+        scratch.buf.clear();
+        scratch.buf.resize(len, value);
+        scratch
+    }
+
+    /// `len` elements whose values are whatever an earlier call left (zeros where the
+    /// buffer grew): for a buffer the caller writes in full before reading, without
+    /// clearing it first.
+    pub(crate) fn overwritten(len: usize) -> Self {
+        let mut scratch = Self::taken();
+        scratch.buf.resize(len, T::default());
+        scratch
+    }
+
+    /// A buffer from this thread's pool, or a new empty one.
+    fn taken() -> Self {
+        let buf = T::with_pool(|pool| pool.try_borrow_mut().ok()?.pop())
             .flatten()
             .unwrap_or_default();
-        buf.clear();
-        buf.resize(len, value);
         Scratch { buf }
     }
 

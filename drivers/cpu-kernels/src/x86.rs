@@ -544,84 +544,50 @@ fn head_dots<E: Wide>(q: &[f32], keys: &[E], shape: RunShape<'_>, out: &mut [f32
 
 /// [`reference::head_axpy_wide`]. Heads of one register: eight heads at a time (then
 /// one), their accumulators kept in registers for the whole run while the rows' values
-/// are multiplied by their weights and added in row order. Wider heads: row by row, as
-/// the reference (the remainder of a width that is not whole registers in order too).
+/// are multiplied by their weights and added in row order. Wider heads: row by row,
+/// each head by [`axpy_rows`], the next rows prefetched.
 #[inline]
 #[target_feature(enable = "avx2,f16c,fma")]
 fn head_axpy<E: Wide>(acc: &mut [f32], weights: &[f32], values: &[E], shape: RunShape<'_>) {
     let RunShape { row_len, hd, kv_at } = shape;
     let n_heads = kv_at.len();
     let rows = weights.len() / n_heads.max(1);
-    let whole = hd - hd % LANES;
     let value = |p: usize| &values[p * row_len..(p + 1) * row_len];
-    let mut h = 0;
-    let mut heads = |h: usize, count: usize| {
-        let v_at = &kv_at[h..h + count];
-        let mut at = 0;
-        while at < whole {
-            let mut sums = [_mm256_setzero_ps(); 8];
-            for (i, sum) in sums[..count].iter_mut().enumerate() {
-                *sum = load(acc, (h + i) * hd + at);
-            }
-            for p in 0..rows {
-                let (value, w) = (value(p), &weights[p * n_heads + h..p * n_heads + h + count]);
-                for i in 0..count {
-                    let product =
-                        _mm256_mul_ps(_mm256_set1_ps(w[i]), E::load8(value, v_at[i] + at));
-                    sums[i] = _mm256_add_ps(sums[i], product);
-                }
-            }
-            for (i, sum) in sums[..count].iter().enumerate() {
-                let out = &mut acc[(h + i) * hd + at..(h + i) * hd + at + LANES];
-                // SAFETY: `out` is eight f32 of `acc`, written by one unaligned store.
-                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), *sum) };
-            }
-            at += LANES;
-        }
-        for (i, &v_at) in v_at.iter().enumerate() {
-            for e in whole..hd {
-                for p in 0..rows {
-                    acc[(h + i) * hd + e] +=
-                        weights[p * n_heads + h + i] * value(p)[v_at + e].to_f32();
-                }
-            }
-        }
-    };
     if hd != LANES {
-        // Wider heads: their accumulators would not fit in registers; row by row, each
-        // register of the accumulator loaded, added to and stored (the same operations).
         for p in 0..rows {
             prefetch_ahead(values, p, row_len);
-            let value = value(p);
-            let w = &weights[p * n_heads..(p + 1) * n_heads];
-            for (h, (&w, &v_at)) in w.iter().zip(kv_at).enumerate() {
-                let wv = _mm256_set1_ps(w);
-                let mut at = 0;
-                while at < whole {
-                    let a_at = h * hd + at;
-                    let sum = _mm256_add_ps(
-                        load(acc, a_at),
-                        _mm256_mul_ps(wv, E::load8(value, v_at + at)),
-                    );
-                    let out = &mut acc[a_at..a_at + LANES];
-                    // SAFETY: `out` is eight f32 of `acc`, written by one unaligned store.
-                    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sum) };
-                    at += LANES;
-                }
-                for e in whole..hd {
-                    acc[h * hd + e] += w * value[v_at + e].to_f32();
-                }
+            let (value, w) = (value(p), &weights[p * n_heads..(p + 1) * n_heads]);
+            for (h, (&w, &at)) in w.iter().zip(kv_at).enumerate() {
+                axpy_rows(
+                    &mut acc[h * hd..(h + 1) * hd],
+                    hd,
+                    &[w],
+                    &value[at..at + hd],
+                );
             }
         }
         return;
     }
-    while h + 8 <= n_heads {
-        heads(h, 8);
-        h += 8;
-    }
+    let mut h = 0;
     while h < n_heads {
-        heads(h, 1);
-        h += 1;
+        let count = if h + 8 <= n_heads { 8 } else { 1 };
+        let mut sums = [_mm256_setzero_ps(); 8];
+        for (i, sum) in sums[..count].iter_mut().enumerate() {
+            *sum = load(acc, (h + i) * LANES);
+        }
+        for p in 0..rows {
+            let (value, w) = (value(p), &weights[p * n_heads + h..p * n_heads + h + count]);
+            for i in 0..count {
+                let product = _mm256_mul_ps(_mm256_set1_ps(w[i]), E::load8(value, kv_at[h + i]));
+                sums[i] = _mm256_add_ps(sums[i], product);
+            }
+        }
+        for (i, sum) in sums[..count].iter().enumerate() {
+            let out = &mut acc[(h + i) * LANES..(h + i + 1) * LANES];
+            // SAFETY: `out` is eight f32 of `acc`, written by one unaligned store.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), *sum) };
+        }
+        h += count;
     }
 }
 
